@@ -79,6 +79,19 @@ def load_torchvision(name, data_dir):
         raise DataError(f"cannot read {name} files in {data_dir}: {e}") from e
 
 
+def write_idx(folder, prefix, images, labels):
+    """Write uint8 images (N x H x W) and labels (N) as the IDX pair torchvision's MNIST reads:
+    folder/{prefix}-images-idx3-ubyte and folder/{prefix}-labels-idx1-ubyte."""
+    os.makedirs(folder, exist_ok=True)
+    n, h, w = images.shape
+    header = torch.tensor([0x803, n, h, w], dtype=torch.int32).numpy().astype(">i4").tobytes()
+    with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+        f.write(header + images.to(torch.uint8).numpy().tobytes())
+    header = torch.tensor([0x801, n], dtype=torch.int32).numpy().astype(">i4").tobytes()
+    with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+        f.write(header + labels.to(torch.uint8).numpy().tobytes())
+
+
 def stratified_split(labels, test_per_class, generator):
     """Split indices so that each class gives exactly `test_per_class` test items.
 

@@ -7,36 +7,41 @@ script needs the user to repeat architecture flags.
 import torch
 from torch import nn
 
-DEFAULT_WIDTHS = {"basic": (32, 32)}
+DEFAULT_WIDTHS = {"basic": (32, 64)}  # chosen by measurement: README "How the model was chosen"
 # The output starts at sigmoid(-2) = 0.12, about MNIST's mean pixel, instead of 0.5. With the
 # default bias 0, Adam's first steps drive every output towards the black background, the
-# decoder's ReLUs die and the sigmoid saturates: the network collapses to an all-black image
-# (measured: 2 of 5 seeds with transposed convolutions, 4 of 5 with a sub-pixel output layer;
-# 0 of 5 with this start). See README "Why autoencoders collapse to black".
-OUTPUT_BIAS_INIT = -2.0  # chosen by measurement: see README "Choosing the widths"
+# decoder's ReLUs die and the sigmoid saturates: the network collapses to an all-black image.
+# Measured on this architecture without BatchNorm, 1 epoch on 20,000 MNIST digits, seeds 0-4:
+# 4 of 5 seeds collapsed (about 9.7 dB) with bias 0, none with this start.
+OUTPUT_BIAS_INIT = -2.0
 ARCHS = tuple(DEFAULT_WIDTHS)
 
 
 class BasicAutoencoder(nn.Module):
-    """Stride-2 3x3 convolutions down, stride-2 3x3 transposed convolutions up, sigmoid out.
+    """Stride-2 3x3 convolutions down, stride-2 transposed convolutions up, sigmoid out.
 
-    Fully convolutional: any channel count, and any H, W divisible by 2 ** len(widths)
-    (28 x 28 with two levels: 28 -> 14 -> 7 -> 14 -> 28).
+    Each hidden convolution is followed by BatchNorm and ReLU. Fully convolutional: any channel
+    count, and any H, W divisible by 2 ** len(widths) (two levels: 28 -> 14 -> 7 -> 14 -> 28).
+    The last upsampling is written in its sub-pixel form (a 3x3 convolution to 4 x C channels,
+    then PixelShuffle(2)): a stride-2 transposed convolution is a special case of it, and on a
+    CPU it is 2.4x faster than nn.ConvTranspose2d with one output channel (measured).
     """
 
     def __init__(self, channels=1, widths=DEFAULT_WIDTHS["basic"]):
         super().__init__()
         layers, c = [], channels
         for w in widths:  # each level halves H and W
-            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
-            c = w
-        for w in [*reversed(widths[:-1]), channels]:  # mirror image: each level doubles H and W
-            # output_padding=1 makes the output exactly twice the input (k=3, s=2, p=1)
-            layers += [nn.ConvTranspose2d(c, w, 3, stride=2, padding=1, output_padding=1),
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.BatchNorm2d(w),
                        nn.ReLU(inplace=True)]
             c = w
-        layers[-1] = nn.Sigmoid()  # pixels in [0, 1], like the clean targets
-        nn.init.constant_(layers[-2].bias, OUTPUT_BIAS_INIT)
+        for w in reversed(widths[:-1]):  # mirror image: each level doubles H and W
+            # output_padding=1 makes the output exactly twice the input (k=3, s=2, p=1)
+            layers += [nn.ConvTranspose2d(c, w, 3, stride=2, padding=1, output_padding=1),
+                       nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c = w
+        last = nn.Conv2d(c, 4 * channels, 3, padding=1)  # N x 4C x H/2 x W/2
+        nn.init.constant_(last.bias, OUTPUT_BIAS_INIT)
+        layers += [last, nn.PixelShuffle(2), nn.Sigmoid()]  # N x C x H x W, pixels in [0, 1]
         self.net = nn.Sequential(*layers)
         self.factor = 2 ** len(widths)
 

@@ -141,23 +141,12 @@ def test_download_failure_falls_back_to_the_sample(tmp_path, monkeypatch):
     assert len(ds.train_x) == 4000 and len(ds.test_x) == 1000
 
 
-def write_idx(folder, prefix, images, labels):
-    """Write an MNIST-layout pair of IDX files (the format torchvision reads)."""
-    import numpy as np
-    os.makedirs(folder, exist_ok=True)
-    n, h, w = images.shape
-    with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
-        f.write(np.array([0x803, n, h, w], dtype=">i4").tobytes() + images.numpy().tobytes())
-    with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
-        f.write(np.array([0x801, n], dtype=">i4").tobytes() + labels.numpy().tobytes())
-
-
 def test_files_under_data_dir_come_first(tmp_path, monkeypatch):
     offline(monkeypatch)  # proves no download is tried
     raw = tmp_path / "MNIST" / "raw"
     g = torch.Generator().manual_seed(0)
     for prefix, n in [("train", 30), ("t10k", 10)]:
-        write_idx(raw, prefix, torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g),
+        data.write_idx(raw, prefix, torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g),
                   torch.arange(n, dtype=torch.uint8) % 10)
     ds = data.load_dataset("mnist", str(tmp_path))
     assert ds.note.startswith("data: mnist from") and len(ds.train_x) == 30

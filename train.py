@@ -21,6 +21,7 @@ import data
 import model as models
 
 TEST_NOISE_SEED = 2024  # independent of --seed: every run and epoch is scored on the same noise
+DEFAULT_BATCH_SIZE = 128
 EVAL_BATCH_SIZE = 1000  # inference only: large batches are fastest and fit easily in memory
 
 
@@ -208,7 +209,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a convolutional denoising autoencoder.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="images per Adam step")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                   help="images per Adam step")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     data.add_noise_flag(p)
     p.add_argument("--dataset", choices=data.DATASETS, default="mnist",
@@ -264,7 +266,8 @@ def main(argv=None):
     steps = math.ceil(len(train_x) / args.batch_size)
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
-        with tqdm(total=steps, desc=f"epoch {epoch}", leave=False, file=sys.stderr) as bar:
+        with tqdm(total=steps, desc=f"epoch {epoch}", leave=False, disable=None) as bar:
+            # disable=None: a bar on a terminal, none in logs and CI
             loss = train_epoch(net, optimizer, train_x, args.batch_size, args.noise_std,
                                generator, bar)
         train_seconds = time.perf_counter() - start

@@ -1,0 +1,154 @@
+"""Training speed: the tutorial pipeline against this project's loop, measured in one run.
+
+    python benchmarks/speed.py --data-dir ../shared/data      # full MNIST
+    python benchmarks/speed.py                                # offline: the bundled sample
+
+(a) tutorial: torchvision.datasets.MNIST(transform=ToTensor()) + DataLoader(batch_size=128,
+    shuffle=True) + noise added per batch, model in the default memory format.
+(b) project:  train.train_epoch over preloaded tensors, as `python train.py` runs it.
+Both train the same architecture from the same initial weights for the same number of steps,
+alternating A, B, A, B, ...; the ratio of each pair is printed, then the median.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import model as models  # noqa: E402
+import train  # noqa: E402
+
+TUTORIAL_BATCH_SIZE = 128
+
+
+def tutorial_run(net, root, steps, noise_std, seed):
+    """Train `steps` batches the way most tutorials do; returns images per second."""
+    from torchvision import datasets, transforms
+
+    torch.manual_seed(seed)
+    dataset = datasets.MNIST(root, train=True, transform=transforms.ToTensor())
+    loader = DataLoader(dataset, batch_size=TUTORIAL_BATCH_SIZE, shuffle=True)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    seen, start = 0, time.perf_counter()
+    for step, (clean, _) in enumerate(loader):  # B x 1 x 28 x 28, via PIL per item
+        if step == steps:
+            break
+        noisy = (clean + noise_std * torch.randn_like(clean)).clamp(0, 1)  # B x 1 x 28 x 28
+        loss = F.mse_loss(net(noisy), clean)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen += len(clean)
+    loss.item()
+    return seen / (time.perf_counter() - start)
+
+
+def project_run(net, images, steps, batch_size, noise_std, seed):
+    """Train `steps` batches with this project's loop; returns images per second."""
+    net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    subset = images[: steps * batch_size]  # N x 1 x 28 x 28, already in memory
+    start = time.perf_counter()
+    train.train_epoch(net, optimizer, subset, batch_size, noise_std, generator)
+    return len(subset) / (time.perf_counter() - start)
+
+
+def eval_throughput(net, clean, noise_std):
+    """Images per second of denoising the whole test set (as train.py scores each epoch)."""
+    noisy = train.fixed_noisy_test_set(clean, noise_std)  # N x 1 x 28 x 28
+    net = net.to(memory_format=torch.channels_last)
+    train.denoise(net, noisy[:1000])  # warm-up
+    start = time.perf_counter()
+    train.denoise(net, noisy)
+    return len(noisy) / (time.perf_counter() - start)
+
+
+def training_flops_per_image(net, shape):
+    """FLOPs of one forward + backward pass per image, counted by torch's FlopCounterMode."""
+    x = torch.rand(16, *shape)
+    with FlopCounterMode(display=False) as counter:
+        F.mse_loss(net(x), x).backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(x)
+
+
+def matmul_flops_per_second(n=1024, repeats=20):
+    """Measured float32 matmul throughput of this CPU (the practical peak)."""
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    """Run the pairs and print images/s, ratios, evaluation speed and hardware utilisation."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data.add_data_dir_flag(p)
+    p.add_argument("--pairs", type=train.positive_int, default=3, help="A, B pairs to run")
+    p.add_argument("--steps", type=train.positive_int, default=150, help="training steps per run")
+    p.add_argument("--batch-size", type=train.positive_int, default=train.DEFAULT_BATCH_SIZE,
+                   help="batch size of the project's loop (train.py's default)")
+    args = p.parse_args(argv)
+    noise_std = 0.5
+
+    ds = data.load_dataset("mnist", args.data_dir)
+    print(ds.note)
+    root = args.data_dir
+    if not data.raw_files_present("mnist", root):
+        # offline: give the tutorial pipeline the same sample, written in torchvision's layout
+        root = tempfile.mkdtemp(prefix="speed-mnist-")
+        raw = os.path.join(root, "MNIST", "raw")
+        for prefix, x, y in [("train", ds.train_x, ds.train_y), ("t10k", ds.test_x, ds.test_y)]:
+            data.write_idx(raw, prefix, (x[:, 0] * 255).round(), y)
+    steps = min(args.steps, len(ds.train_x) // max(args.batch_size, TUTORIAL_BATCH_SIZE))
+
+    config = models.model_config()
+    torch.manual_seed(0)
+    initial = models.build_model(config).state_dict()
+
+    def fresh():
+        net = models.build_model(config)
+        net.load_state_dict(initial)
+        return net
+
+    print(f"model: {config['arch']} {config['widths']}, {steps} steps per run, "
+          f"tutorial batch {TUTORIAL_BATCH_SIZE}, project batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads")
+    ratios, project_speeds = [], []
+    for pair in range(1, args.pairs + 1):
+        a = tutorial_run(fresh(), root, steps, noise_std, seed=pair)
+        b = project_run(fresh(), ds.train_x, steps, args.batch_size, noise_std, seed=pair)
+        ratios.append(b / a)
+        project_speeds.append(b)
+        print(f"pair {pair}: tutorial {a:8,.0f} img/s   project {b:8,.0f} img/s   "
+              f"ratio {b / a:.2f}x", flush=True)
+    print(f"median ratio (project / tutorial): {statistics.median(ratios):.2f}x")
+
+    net = fresh()
+    print(f"evaluation: {eval_throughput(net, ds.test_x, noise_std):,.0f} img/s "
+          f"(denoising {len(ds.test_x):,} test images, batches of {train.EVAL_BATCH_SIZE})")
+    flops = training_flops_per_image(fresh(), tuple(ds.train_x.shape[1:]))
+    peak = matmul_flops_per_second()
+    achieved = flops * statistics.median(project_speeds)
+    print(f"training cost: {flops / 1e6:.2f} MFLOP per image (forward + backward); "
+          f"achieved {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of this CPU's "
+          f"measured matmul throughput ({peak / 1e9:.0f} GFLOP/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
