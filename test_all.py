@@ -286,3 +286,96 @@ def test_bad_flags_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         visualize.main(["--n", "0"])
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- checkpoint safety
+
+
+class _RunsCode:
+    """A pickle payload that would create a file if the loader ever executed it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _good_checkpoint(path, channels=1):
+    torch.manual_seed(0)
+    config = models.model_config("basic", channels)
+    net = models.build_model(config)
+    train.save_checkpoint({"model": net.state_dict(), "config": config, "history": []}, str(path))
+
+
+@pytest.mark.parametrize("force_unsafe_env", [False, True])
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch, capsys, force_unsafe_env):
+    if force_unsafe_env:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": _RunsCode(str(marker))}, str(evil))
+    with pytest.raises(SystemExit) as e:
+        visualize.main(["--checkpoint", str(evil), "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "evil.pt" in err and "refused" in err
+    assert not marker.exists()  # the function never ran
+
+
+def _bad_checkpoints(folder):
+    """(name, writer) pairs: each writer makes one kind of broken checkpoint at a path."""
+    good = folder / "good.pt"
+    _good_checkpoint(good)
+    blob = good.read_bytes()
+    return {
+        "missing": None,
+        "directory": lambda p: p.mkdir(),
+        "empty": lambda p: p.write_bytes(b""),
+        "truncated-10": lambda p: p.write_bytes(blob[:10]),
+        "truncated-half": lambda p: p.write_bytes(blob[: len(blob) // 2]),
+        "truncated-minus-5": lambda p: p.write_bytes(blob[:-5]),
+        "random-bytes": lambda p: p.write_bytes(os.urandom(4096)),
+        "bare-tensor": lambda p: torch.save(torch.zeros(3), str(p)),
+        "dict-without-model": lambda p: torch.save({"weights": {}, "config": {}}, str(p)),
+        "other-channels": lambda p: _good_checkpoint(p, channels=3) or _swap_config(p, channels=1),
+        "other-widths": lambda p: _swap_config(p, widths=[8, 8], source=good),
+    }
+
+
+def _swap_config(path, source=None, **changes):
+    """Rewrite a checkpoint's config so that it no longer matches its weights."""
+    ckpt = torch.load(str(source or path), weights_only=True)
+    ckpt["config"].update(changes)
+    torch.save(ckpt, str(path))
+
+
+def test_every_broken_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    for name, write in _bad_checkpoints(tmp_path).items():
+        path = tmp_path / f"{name}.pt"
+        if write is not None:
+            write(path)
+        with pytest.raises(SystemExit) as e:
+            visualize.main(["--checkpoint", str(path), "--out", str(tmp_path / "x.png")])
+        assert e.value.code == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, (name, err)
+        assert f"{name}.pt" in err, (name, err)
+        if name.startswith("other-"):
+            assert "size mismatch" in err, (name, err)  # the strict load names the mismatch
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    _good_checkpoint(path)
+    before = path.read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_checkpoint({"model": {}, "config": {}, "history": []}, str(path))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["c.pt"]  # no temporary file left behind

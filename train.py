@@ -7,6 +7,7 @@
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -148,9 +149,26 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used. The message is one line naming the file."""
 
 
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+def _load_failure(error):
+    """A short reason for a failed weights-only torch.load (torch's own messages run to pages)."""
+    text = " ".join(str(error).split())
+    found = re.search(r"unsupported GLOBAL (\S+)", text)
+    if found:  # the pickle names a function or class to call: refused, never run
+        return f"it asks to call {found.group(1)} when loaded; refused, only tensors are loaded"
+    if isinstance(error, EOFError) or "PytorchStreamReader" in text or "zip" in text.lower():
+        return "empty, truncated or not a torch file"
+    if "Weights only load failed" in text:
+        return "not a torch checkpoint of tensors and plain values"
+    return f"unreadable ({text[:120]})"
+
+
+def _mismatch(error):
+    """The first line of a strict load_state_dict failure, and how many more there are."""
+    text = " ".join(str(error).split())
+    text = re.sub(r"^Error\(s\) in loading state_dict for \w+: ", "", text)
+    parts = re.split(r"\.\s+(?=size mismatch|Missing key|Unexpected key)", text)
+    more = f" (and {len(parts) - 1} more)" if len(parts) > 1 else ""
+    return parts[0].rstrip(".") + more
 
 
 def load_checkpoint(path):
@@ -168,7 +186,7 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, random bytes, or a pickle that wants to run code
-        raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(e)}); {hint}") from e
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {_load_failure(e)}") from e
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
             and isinstance(checkpoint.get("config"), dict)):
         raise CheckpointError(f"{path} is not a checkpoint of this project "
@@ -178,12 +196,18 @@ def load_checkpoint(path):
 
 def restore_model(checkpoint, path):
     """Rebuild the checkpoint's model from its config and load its weights (strictly)."""
+    config = checkpoint["config"]
     try:
-        net = models.build_model(checkpoint["config"])
+        net = models.build_model(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unusable model config ({e})") from e
+    try:
         net.load_state_dict(checkpoint["model"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path} does not match its model config: "
-                              f"{' '.join(str(e).split())[:300]}") from e
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not fit its config ({config.get('arch')}, "
+            f"{config.get('channels')} channels, widths {config.get('widths')}): {_mismatch(e)}"
+        ) from e
     return net
 
 
