@@ -379,3 +379,21 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         train.save_checkpoint({"model": {}, "config": {}, "history": []}, str(path))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["c.pt"]  # no temporary file left behind
+
+
+def test_unwritable_checkpoint_folder_stops_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", "mnist-sample", "--checkpoint", str(blocker / "c.pt")])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and "a-file" in captured.err
+    assert "epoch" not in captured.out  # nothing was trained
+    assert blocker.read_text() == "not a folder"
+
+
+def test_fashion_mnist_offline_says_where_to_put_the_files(tmp_path, monkeypatch):
+    offline(monkeypatch)
+    with pytest.raises(data.DataError, match="FashionMNIST.raw.*put the four"):
+        data.load_dataset("fashion-mnist", str(tmp_path))
