@@ -397,3 +397,28 @@ def test_fashion_mnist_offline_says_where_to_put_the_files(tmp_path, monkeypatch
     offline(monkeypatch)
     with pytest.raises(data.DataError, match="FashionMNIST.raw.*put the four"):
         data.load_dataset("fashion-mnist", str(tmp_path))
+
+
+def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
+                                                                          capsys):
+    net = models.build_model(models.model_config())
+    bad = torch.full((8, 1, 28, 28), float("nan"))
+    with pytest.raises(train.NonFiniteLoss):
+        train.train_epoch(net, torch.optim.Adam(net.parameters()), bad, 4, 0.5, torch.Generator())
+
+    path = tmp_path / "c.pt"
+    real_add_noise, calls = data.add_noise, []
+
+    def poisoned(images, std, generator):  # the test set, then 63 batches of epoch 1, then NaN
+        calls.append(1)
+        out = real_add_noise(images, std, generator)
+        return out if len(calls) <= 64 else out * float("nan")
+
+    monkeypatch.setattr(data, "add_noise", poisoned)
+    argv = ["--dataset", "mnist-sample", "--epochs", "2", "--batch-size", "64",
+            "--checkpoint", str(path)]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "epoch 2" in err and "step" in err and "lr 0.001" in err
+    ckpt = torch.load(str(path), weights_only=True)
+    assert [h["epoch"] for h in ckpt["history"]] == [1]  # the last good checkpoint, untouched

@@ -24,6 +24,15 @@ import model as models
 TEST_NOISE_SEED = 2024  # independent of --seed: every run and epoch is scored on the same noise
 DEFAULT_BATCH_SIZE = 128
 EVAL_BATCH_SIZE = 1000  # inference only: large batches are fastest and fit easily in memory
+FINITE_CHECK_EVERY = 50  # steps between checks that the loss is finite (each check syncs a GPU)
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite; `step` is the step at which it was seen."""
+
+    def __init__(self, step):
+        super().__init__(f"non-finite loss by step {step}")
+        self.step = step
 
 
 def positive_int(text):
@@ -112,7 +121,8 @@ def train_epoch(model, optimizer, images, batch_size, noise_std, generator, prog
     """
     model.train()
     total = torch.zeros((), device=images.device)  # summed on device: no host sync per step
-    for idx in data.batches(len(images), batch_size, generator):
+    step = 0
+    for step, idx in enumerate(data.batches(len(images), batch_size, generator), 1):
         clean = images[idx]  # B x C x H x W
         noisy = data.add_noise(clean, noise_std, generator)  # B x C x H x W
         loss = F.mse_loss(model(noisy), clean)
@@ -120,8 +130,12 @@ def train_epoch(model, optimizer, images, batch_size, noise_std, generator, prog
         loss.backward()
         optimizer.step()
         total += loss.detach() * len(idx)
+        if step % FINITE_CHECK_EVERY == 0 and not torch.isfinite(total):
+            raise NonFiniteLoss(step)
         if progress is not None:
             progress.update(1)
+    if not torch.isfinite(total):
+        raise NonFiniteLoss(step)
     return total.item() / len(images)
 
 
@@ -290,10 +304,16 @@ def main(argv=None):
     steps = math.ceil(len(train_x) / args.batch_size)
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
-        with tqdm(total=steps, desc=f"epoch {epoch}", leave=False, disable=None) as bar:
-            # disable=None: a bar on a terminal, none in logs and CI
-            loss = train_epoch(net, optimizer, train_x, args.batch_size, args.noise_std,
-                               generator, bar)
+        try:
+            with tqdm(total=steps, desc=f"epoch {epoch}", leave=False, disable=None) as bar:
+                # disable=None: a bar on a terminal, none in logs and CI
+                loss = train_epoch(net, optimizer, train_x, args.batch_size, args.noise_std,
+                                   generator, bar)
+        except NonFiniteLoss as e:
+            kept = f"{args.checkpoint} still holds epoch {epoch - 1}" if history else "nothing saved"
+            print(f"train.py: error: the loss became NaN or infinite in epoch {epoch} by step "
+                  f"{e.step} (lr {args.lr}); stopped, {kept}", file=sys.stderr)
+            return 1
         train_seconds = time.perf_counter() - start
         test_psnr, test_ssim = evaluate(net, test_noisy, test_x)
         seconds = time.perf_counter() - start
