@@ -8,6 +8,7 @@ import argparse
 import math
 import os
 import socket
+import struct
 from typing import NamedTuple
 
 import torch
@@ -84,12 +85,10 @@ def write_idx(folder, prefix, images, labels):
     folder/{prefix}-images-idx3-ubyte and folder/{prefix}-labels-idx1-ubyte."""
     os.makedirs(folder, exist_ok=True)
     n, h, w = images.shape
-    header = torch.tensor([0x803, n, h, w], dtype=torch.int32).numpy().astype(">i4").tobytes()
     with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
-        f.write(header + images.to(torch.uint8).numpy().tobytes())
-    header = torch.tensor([0x801, n], dtype=torch.int32).numpy().astype(">i4").tobytes()
+        f.write(struct.pack(">4i", 0x803, n, h, w) + images.to(torch.uint8).numpy().tobytes())
     with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
-        f.write(header + labels.to(torch.uint8).numpy().tobytes())
+        f.write(struct.pack(">2i", 0x801, n) + labels.to(torch.uint8).numpy().tobytes())
 
 
 def stratified_split(labels, test_per_class, generator):

@@ -146,8 +146,8 @@ def test_files_under_data_dir_come_first(tmp_path, monkeypatch):
     raw = tmp_path / "MNIST" / "raw"
     g = torch.Generator().manual_seed(0)
     for prefix, n in [("train", 30), ("t10k", 10)]:
-        data.write_idx(raw, prefix, torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g),
-                  torch.arange(n, dtype=torch.uint8) % 10)
+        images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
+        data.write_idx(raw, prefix, images, torch.arange(n, dtype=torch.uint8) % 10)
     ds = data.load_dataset("mnist", str(tmp_path))
     assert ds.note.startswith("data: mnist from") and len(ds.train_x) == 30
     assert ds.test_x.shape == (10, 1, 28, 28) and ds.test_y[:3].tolist() == [0, 1, 2]
