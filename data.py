@@ -165,13 +165,15 @@ def add_noise(images, std, generator):
     return noise.mul_(std).add_(images).clamp_(0, 1)  # in place: one allocation per batch
 
 
-def batches(n, batch_size, generator):
-    """Yield index tensors that cover range(n) once, in an order shuffled by `generator`.
+def shuffle(n, generator):
+    """range(n) in an order drawn by `generator`, on the generator's device (so that a data set
+    on the GPU is indexed there)."""
+    return torch.randperm(n, generator=generator, device=generator.device)  # n
 
-    The indices live on the generator's device, so a data set on the GPU is indexed there.
-    """
-    order = torch.randperm(n, generator=generator, device=generator.device)  # n
-    yield from order.split(batch_size)
+
+def batches(n, batch_size, generator):
+    """Yield index tensors that cover range(n) once, in an order shuffled by `generator`."""
+    yield from shuffle(n, generator).split(batch_size)
 
 
 def nonnegative_float(text):

