@@ -157,12 +157,23 @@ def load_dataset(name, data_dir, download=True):
 def add_noise(images, std, generator):
     """Additive Gaussian noise of standard deviation `std` (on the [0, 1] scale), clipped to [0, 1].
 
-    `generator` draws the noise, so the same seed gives the same noisy images. `std` is a float
-    or a tensor that broadcasts against `images` (e.g. N x 1 x 1 x 1 for one level per image).
+    `std` is a float, or a [lo, hi] pair: then every image gets its own level, drawn uniformly
+    from [lo, hi] (blind training: one model for a range of noise levels). `generator` draws
+    the levels and the noise, so the same seed gives the same noisy images.
     """
+    if isinstance(std, (list, tuple)):
+        lo, hi = std
+        shape = (len(images),) + (1,) * (images.dim() - 1)  # N x 1 x 1 x 1
+        std = torch.rand(shape, generator=generator, device=images.device,
+                         dtype=images.dtype).mul_(hi - lo).add_(lo)  # N x 1 x 1 x 1
     noise = torch.randn(images.shape, generator=generator, device=images.device,
                         dtype=images.dtype)  # N x C x H x W
     return noise.mul_(std).add_(images).clamp_(0, 1)  # in place: one allocation per batch
+
+
+def format_noise(std):
+    """'0.5' for one level, '0.1:0.5' for a range: the way --noise-std spells it."""
+    return ":".join(f"{v:g}" for v in std) if isinstance(std, (list, tuple)) else f"{std:g}"
 
 
 def shuffle(n, generator):
@@ -184,6 +195,18 @@ def nonnegative_float(text):
     return value
 
 
+def noise_level(text):
+    """argparse type for --noise-std: 'S' (a float >= 0) or 'LO:HI' (0 <= LO <= HI), which
+    gives the [LO, HI] list that add_noise draws one level per image from."""
+    if ":" not in text:
+        return nonnegative_float(text)
+    lo, _, hi = text.partition(":")
+    lo, hi = nonnegative_float(lo), nonnegative_float(hi)
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"range LO:HI needs LO <= HI, got {text}")
+    return [lo, hi]
+
+
 def add_data_dir_flag(parser, default="data"):
     """Declare --data-dir (shared by train.py and visualize.py; None: the checkpoint's)."""
     parser.add_argument("--data-dir", default=default,
@@ -195,8 +218,9 @@ def add_data_dir_flag(parser, default="data"):
 
 def add_noise_flag(parser, default=0.5):
     """Declare --noise-std (shared by train.py and visualize.py; None: the checkpoint's)."""
-    parser.add_argument("--noise-std", type=nonnegative_float, default=default,
+    parser.add_argument("--noise-std", type=noise_level, default=default,
                         help="standard deviation of the additive Gaussian noise on the [0, 1] "
-                             "pixel scale; noisy pixels are clipped to [0, 1]"
+                             "pixel scale, or a range LO:HI (one level per image, drawn "
+                             "uniformly); noisy pixels are clipped to [0, 1]"
                              + ("; None: the level the checkpoint was trained at"
                                 if default is None else ""))

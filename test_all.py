@@ -370,15 +370,23 @@ def test_every_broken_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["write", "rename"])
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failing):
     path = tmp_path / "c.pt"
     _good_checkpoint(path)
     before = path.read_bytes()
 
+    def broken_write(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train.os, "replace", broken_replace)
+    if failing == "write":
+        monkeypatch.setattr(train.torch, "save", broken_write)
+    else:
+        monkeypatch.setattr(train.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         train.save_checkpoint({"model": {}, "config": {}, "history": []}, str(path))
     assert path.read_bytes() == before
@@ -555,3 +563,29 @@ def test_numeric_flags_are_checked_before_anything_runs(epochs, batch, lr, noise
         with pytest.raises(SystemExit) as e:
             train.parse_args(argv)
         assert e.value.code == 2
+
+
+def test_a_noise_range_draws_one_level_per_image():
+    images = torch.full((400, 1, 28, 28), 0.5)
+    noisy = data.add_noise(images, [0.05, 0.15], torch.Generator().manual_seed(0))
+    levels = (noisy - images).flatten(1).std(1)  # 400 per-image noise levels
+    assert 0.045 < levels.min() < 0.06 and 0.14 < levels.max() < 0.16
+    assert levels.std() > 0.02  # really one level per image, not one for all
+    again = data.add_noise(images, [0.05, 0.15], torch.Generator().manual_seed(0))
+    assert torch.equal(noisy, again)
+    assert data.format_noise([0.1, 0.5]) == "0.1:0.5" and data.format_noise(0.5) == "0.5"
+
+
+def test_noise_range_flag(tmp_path, capsys):
+    assert train.parse_args(["--noise-std", "0.1:0.5"])[1].noise_std == [0.1, 0.5]
+    for bad in ("0.5:0.1", "-0.1:0.2", "0.1:", "a:b"):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(["--noise-std", bad])
+        assert e.value.code == 2, bad
+    assert "LO <= HI" in capsys.readouterr().err
+    ckpt = _sample_run(tmp_path, "blind", "--epochs", "1", "--noise-std", "0.1:0.5")
+    assert ckpt["config"]["noise_std"] == [0.1, 0.5]
+    assert "noisy input (sigma 0.1:0.5)" in capsys.readouterr().out
+    out = str(tmp_path / "blind.png")
+    assert visualize.main(["--checkpoint", str(tmp_path / "blind.pt"), "--out", out]) == 0
+    assert "noise sigma 0.1:0.5" in capsys.readouterr().out

@@ -440,7 +440,8 @@ def main(argv=None):
     print(f"model: {config['arch']} {config['widths']}, {models.count_parameters(net):,} "
           f"parameters, device {device}, {len(train_x):,} training images")
     base_psnr, base_ssim = psnr(test_noisy, test_x), ssim(test_noisy, test_x)
-    print(f"noisy input (sigma {noise_std}): test PSNR {base_psnr:.2f} dB, SSIM {base_ssim:.4f}")
+    print(f"noisy input (sigma {data.format_noise(noise_std)}): test PSNR {base_psnr:.2f} dB, "
+          f"SSIM {base_ssim:.4f}")
 
     steps = math.ceil(len(train_x) / batch_size)
     with stop_requests() as requested:

@@ -86,7 +86,8 @@ def main(argv=None):
     idx = pick_indices(len(ds.test_x), min(args.n, len(ds.test_x)), args.seed)  # n
     clean, noisy = ds.test_x[idx], noisy_all[idx]  # n x C x H x W each
     denoised = train.denoise(net, noisy)  # n x C x H x W
-    title = (f"{config['arch']} autoencoder, {config['dataset']}, noise sigma {noise_std:g}: "
+    sigma = data.format_noise(noise_std)
+    title = (f"{config['arch']} autoencoder, {config['dataset']}, noise sigma {sigma}: "
              f"mean PSNR {train.psnr(noisy, clean):.1f} dB noisy -> "
              f"{train.psnr(denoised, clean):.1f} dB denoised")
     if not args.show:
