@@ -589,3 +589,16 @@ def test_noise_range_flag(tmp_path, capsys):
     out = str(tmp_path / "blind.png")
     assert visualize.main(["--checkpoint", str(tmp_path / "blind.pt"), "--out", out]) == 0
     assert "noise sigma 0.1:0.5" in capsys.readouterr().out
+
+
+def test_amp_is_for_cuda_and_its_code_path_runs(capsys):
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            train.main(["--amp", "--dataset", "mnist-sample"])
+        assert e.value.code == 2 and "--amp needs a CUDA device" in capsys.readouterr().err
+    torch.manual_seed(0)
+    net = models.build_model(models.model_config())
+    images = torch.rand(32, 1, 28, 28)
+    loss = train.train_epoch(net, torch.optim.Adam(net.parameters()), images, 16, 0.5,
+                             torch.Generator().manual_seed(0), amp=True)  # bf16 autocast on CPU
+    assert math.isfinite(loss) and net.net[0].weight.dtype == torch.float32

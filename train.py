@@ -125,7 +125,7 @@ class Interrupted(Exception):
 
 
 def train_epoch(model, optimizer, images, batch_size, noise_std, generator, progress=None,
-                position=None, should_stop=None):
+                position=None, should_stop=None, amp=False):
     """One pass over `images` (clean, N x C x H x W): fresh noise per batch, MSE to the clean
     image, one Adam step per batch. Returns the mean training loss as a float; raises
     NonFiniteLoss if the loss is NaN or inf.
@@ -136,7 +136,8 @@ def train_epoch(model, optimizer, images, batch_size, noise_std, generator, prog
     `should_stop()`, if given, is asked after every step; when it says yes, Interrupted is raised
     with the position after that step: {"order", "step", "loss_sum"}. Passing that `position`
     back (with the generator in the state it was then) finishes the epoch exactly as an
-    uninterrupted run would have.
+    uninterrupted run would have. `amp` runs the forward pass under bfloat16 autocast (meant
+    for CUDA; the loss and the weights stay float32).
     """
     model.train()
     if position is None:
@@ -148,7 +149,9 @@ def train_epoch(model, optimizer, images, batch_size, noise_std, generator, prog
     for step, idx in enumerate(order.split(batch_size)[done:], done + 1):
         clean = images[idx]  # B x C x H x W
         noisy = data.add_noise(clean, noise_std, generator)  # B x C x H x W
-        loss = F.mse_loss(model(noisy), clean)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            restored = model(noisy)  # B x C x H x W
+        loss = F.mse_loss(restored.float(), clean)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -285,6 +288,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="seeds Python, NumPy and torch: the weights, the data order and the noise")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a name")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for the forward pass (CUDA only)")
     p.add_argument("--deterministic", action="store_true",
                    help="use only deterministic algorithms (matters on CUDA; see README)")
     add_checkpoint_flag(p)
@@ -405,6 +410,8 @@ def main(argv=None):
         check_writable(args.checkpoint)
         device = pick_device(args.device)
         torch.empty(0, device=device)  # an unknown or absent device fails here, not mid-run
+        if args.amp and device.type != "cuda":  # CPUs without bf16 units only get slower
+            raise RuntimeError(f"--amp needs a CUDA device, and this run is on {device}")
     except (CheckpointError, OSError, RuntimeError) as e:
         parser.exit(2, f"train.py: error: {e}\n")
     dataset = checkpoint["config"]["dataset"] if checkpoint else args.dataset
@@ -452,7 +459,8 @@ def main(argv=None):
                           desc=f"epoch {epoch}", leave=False, disable=None) as bar:
                     # disable=None: a bar on a terminal, none in logs and CI
                     loss = train_epoch(net, optimizer, train_x, batch_size, noise_std, generator,
-                                       bar, position, lambda: requested["signal"] is not None)
+                                       bar, position, lambda: requested["signal"] is not None,
+                                       args.amp)
             except NonFiniteLoss as e:
                 kept = f"{args.checkpoint} keeps epoch {epoch - 1}" if history else "nothing saved"
                 print(f"train.py: error: the loss became NaN or infinite in epoch {epoch} by step "
