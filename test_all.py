@@ -229,7 +229,7 @@ def test_two_epochs_on_the_sample_learn_to_denoise(sample):
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    config = models.model_config("basic", 1)
+    config = _full_config()
     net = models.build_model(config)
     path = str(tmp_path / "sub" / "c.pt")
     train.save_checkpoint({"model": net.state_dict(), "config": config, "history": []}, path)
@@ -253,7 +253,7 @@ def test_train_then_visualize(tmp_path, monkeypatch, capsys):
     ckpt = torch.load("checkpoints/autoencoder.pt", map_location="cpu", weights_only=True)
     assert set(ckpt) >= {"model", "config", "history"}
     config = ckpt["config"]
-    assert config["arch"] == "basic" and config["dataset"] == "mnist"
+    assert config["arch"] == "basic" and config["dataset"] == "mnist-sample"  # what it used
     assert config["noise_std"] == 0.5 and config["channels"] == 1 and config["seed"] == 0
     assert isinstance(config["torch"], str)
     assert [h["epoch"] for h in ckpt["history"]] == [1, 2]
@@ -287,6 +287,10 @@ def test_bad_flags_exit_2(capsys):
         with pytest.raises(SystemExit) as e:
             train.main(argv)
         assert e.value.code == 2, argv
+    for argv in (["--seed", "-1"], ["--seed", str(2 ** 32)]):  # NumPy's range
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert e.value.code == 2, argv
     with pytest.raises(SystemExit) as e:
         visualize.main(["--n", "0"])
     assert e.value.code == 2
@@ -305,9 +309,15 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _full_config(channels=1):
+    """A config with every key the scripts read (train.CONFIG_KEYS)."""
+    return {**models.model_config("basic", channels), "dataset": "mnist-sample",
+            "data_dir": "data", "noise_std": 0.5}
+
+
 def _good_checkpoint(path, channels=1):
     torch.manual_seed(0)
-    config = models.model_config("basic", channels)
+    config = _full_config(channels)
     net = models.build_model(config)
     train.save_checkpoint({"model": net.state_dict(), "config": config, "history": []}, str(path))
 
@@ -342,15 +352,25 @@ def _bad_checkpoints(folder):
         "random-bytes": lambda p: p.write_bytes(os.urandom(4096)),
         "bare-tensor": lambda p: torch.save(torch.zeros(3), str(p)),
         "dict-without-model": lambda p: torch.save({"weights": {}, "config": {}}, str(p)),
+        "config-without-dataset": lambda p: _swap_config(p, source=good, dataset=_DROP),
+        "config-none-noise": lambda p: _swap_config(p, source=good, noise_std=None),
+        "config-bad-noise": lambda p: _swap_config(p, source=good, noise_std=[0.5, 0.1]),
         "other-channels": lambda p: _good_checkpoint(p, channels=3) or _swap_config(p, channels=1),
         "other-widths": lambda p: _swap_config(p, widths=[8, 8], source=good),
     }
 
 
+_DROP = object()  # as a value for _swap_config: remove the key
+
+
 def _swap_config(path, source=None, **changes):
-    """Rewrite a checkpoint's config so that it no longer matches its weights."""
+    """Rewrite a checkpoint's config (from `source`, default `path` itself) with `changes`."""
     ckpt = torch.load(str(source or path), weights_only=True)
-    ckpt["config"].update(changes)
+    for key, value in changes.items():
+        if value is _DROP:
+            del ckpt["config"][key]
+        else:
+            ckpt["config"][key] = value
     torch.save(ckpt, str(path))
 
 
@@ -464,6 +484,30 @@ def test_resume_gives_bit_identical_weights(tmp_path):
     assert all(torch.equal(s, r) for s, r in moments)
 
 
+def test_resume_writes_to_the_resumed_file_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _sample_run(tmp_path, "first", "--epochs", "1")
+    assert train.main(["--resume", str(tmp_path / "first.pt"), "--epochs", "2"]) == 0
+    assert train.load_checkpoint(str(tmp_path / "first.pt"))["epoch"] == 2
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_stop_request_before_training_saves_nothing(tmp_path, capsys):
+    parser, args, given = train.parse_args(["--dataset", "mnist-sample",
+                                            "--checkpoint", str(tmp_path / "c.pt")])
+    code = train.run(parser, args, given, {"signal": signal.SIGINT})
+    assert code == 130 and not (tmp_path / "c.pt").exists()
+    assert "before training; nothing saved" in capsys.readouterr().err
+
+
+def test_a_stop_after_the_loss_went_nan_is_reported_as_nan():
+    net = models.build_model(models.model_config())
+    bad = torch.full((8, 1, 28, 28), float("nan"))
+    with pytest.raises(train.NonFiniteLoss):  # not Interrupted: NaN weights are never saved
+        train.train_epoch(net, torch.optim.Adam(net.parameters()), bad, 4, 0.5,
+                          torch.Generator(), should_stop=lambda: True)
+
+
 def test_an_interrupted_epoch_continues_exactly():
     images = torch.rand(96, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
@@ -495,6 +539,13 @@ def test_resume_refuses_contradicting_flags(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, (flags, err)
+    # weights that do not fit the config: one line, before any data is loaded
+    _swap_config(tmp_path / "mismatch.pt", source=first, channels=3)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(tmp_path / "mismatch.pt"), "--epochs", "2"])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and "size mismatch" in captured.err and "data:" not in captured.out
+    assert len(captured.err.strip().splitlines()) == 1
     # a checkpoint without optimizer state (e.g. hand-made) cannot be resumed exactly
     bare = tmp_path / "bare.pt"
     _good_checkpoint(bare)

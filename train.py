@@ -55,6 +55,14 @@ def positive_float(text):
     return value
 
 
+def seed_int(text):
+    """argparse type: a seed NumPy accepts too, 0 <= seed < 2**32."""
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
+    return value
+
+
 def pick_device(name="auto"):
     """'auto' -> cuda if available, then mps, then cpu; any other name is used as given."""
     if name != "auto":
@@ -161,6 +169,8 @@ def train_epoch(model, optimizer, images, batch_size, noise_std, generator, prog
         if progress is not None:
             progress.update(1)
         if should_stop is not None and should_stop():
+            if not torch.isfinite(total):  # never save NaN weights as a resumable state
+                raise NonFiniteLoss(step)
             raise Interrupted({"order": order.cpu(), "step": step, "loss_sum": total.item()})
     if not torch.isfinite(total):
         raise NonFiniteLoss(step)
@@ -185,6 +195,9 @@ def save_checkpoint(checkpoint, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+CONFIG_KEYS = ("arch", "channels", "widths", "dataset", "data_dir", "noise_std")  # what scripts read
 
 
 class CheckpointError(Exception):
@@ -233,7 +246,22 @@ def load_checkpoint(path):
             and isinstance(checkpoint.get("config"), dict)):
         raise CheckpointError(f"{path} is not a checkpoint of this project "
                               f"(expected a dict with 'model' and 'config'); {hint}")
+    missing = [key for key in CONFIG_KEYS if key not in checkpoint["config"]]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
+    if not _is_noise_level(checkpoint["config"]["noise_std"]):
+        raise CheckpointError(f"checkpoint {path} has a noise_std that is neither a level nor a "
+                              f"[lo, hi] range: {checkpoint['config']['noise_std']!r}")
     return checkpoint
+
+
+def _is_noise_level(value):
+    """A float >= 0, or a [lo, hi] pair with 0 <= lo <= hi (what --noise-std gives)."""
+    def level(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
+    if isinstance(value, (list, tuple)):
+        return len(value) == 2 and all(map(level, value)) and value[0] <= value[1]
+    return level(value)
 
 
 def restore_model(checkpoint, path):
@@ -285,7 +313,7 @@ def parse_args(argv=None):
                    help="mnist falls back to mnist-sample (5,000 digits) when offline")
     data.add_data_dir_flag(p)
     p.add_argument("--arch", choices=models.ARCHS, default="basic", help="model architecture")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="seeds Python, NumPy and torch: the weights, the data order and the noise")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a name")
     p.add_argument("--amp", action="store_true",
@@ -368,12 +396,13 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def new_config(args, train_x):
-    """The checkpoint config of a new run: model, data, noise and training settings, versions."""
+def new_config(args, ds):
+    """The checkpoint config of a new run: model, data, noise and training settings, versions.
+    The data set is the one actually loaded (mnist-sample after the offline fallback)."""
     return {
-        **models.model_config(args.arch, train_x.shape[1]),
-        "dataset": args.dataset, "data_dir": os.path.abspath(args.data_dir),
-        "image_size": list(train_x.shape[2:]),
+        **models.model_config(args.arch, ds.train_x.shape[1]),
+        "dataset": ds.name, "data_dir": os.path.abspath(args.data_dir),
+        "image_size": list(ds.train_x.shape[2:]),
         "noise": "gaussian", "noise_std": args.noise_std, "test_noise_seed": TEST_NOISE_SEED,
         "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "deterministic": args.deterministic,
@@ -398,15 +427,30 @@ def open_resume(path, args, given):
 
 
 def main(argv=None):
-    """Train, printing one line per epoch, and save a checkpoint after every epoch."""
+    """Train, printing one line per epoch, and save a checkpoint after every epoch.
+
+    Returns the exit code: 0, 1 (non-finite loss), 130 / 143 (stopped by SIGINT / SIGTERM);
+    bad flags, data or checkpoints exit with 2 through argparse.
+    """
     parser, args, given = parse_args(argv)
-    if args.deterministic:  # before any CUDA work: cuBLAS reads it when it starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    checkpoint = None
+    with stop_requests() as requested:  # from here on, Ctrl-C never ends in a traceback
+        return run(parser, args, given, requested)
+
+
+def run(parser, args, given, requested):
+    """The body of main, with SIGINT / SIGTERM turned into `requested["signal"]`."""
+    checkpoint = net = None
     try:
         if args.resume:
             checkpoint = open_resume(args.resume, args, given)
+            net = restore_model(checkpoint, args.resume)
+            if "checkpoint" not in given:  # continue in the same file, not in the default one
+                args.checkpoint = args.resume
+        if args.deterministic or (checkpoint and checkpoint["config"].get("deterministic")):
+            # before any CUDA work: cuBLAS reads the workspace setting when it starts
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            args.deterministic = True
         check_writable(args.checkpoint)
         device = pick_device(args.device)
         torch.empty(0, device=device)  # an unknown or absent device fails here, not mid-run
@@ -427,9 +471,8 @@ def main(argv=None):
     train_x, test_x = ds.train_x.to(device), ds.test_x.to(device)  # whole set on the device
     if checkpoint:
         config = {**checkpoint["config"], "epochs": args.epochs}
-        net = restore_model(checkpoint, args.resume)
     else:
-        config = new_config(args, train_x)
+        config = new_config(args, ds)
         net = models.build_model(config)
     generator = torch.Generator(device=device).manual_seed(config["seed"])  # order and noise
     # NHWC lets oneDNN pick its fast convolution kernels: ~1.6x per step on CPU (measured).
@@ -451,40 +494,43 @@ def main(argv=None):
           f"SSIM {base_ssim:.4f}")
 
     steps = math.ceil(len(train_x) / batch_size)
-    with stop_requests() as requested:
-        for epoch in range(done + 1, args.epochs + 1):
-            start = time.perf_counter()
-            try:
-                with tqdm(total=steps, initial=position["step"] if position else 0,
-                          desc=f"epoch {epoch}", leave=False, disable=None) as bar:
-                    # disable=None: a bar on a terminal, none in logs and CI
-                    loss = train_epoch(net, optimizer, train_x, batch_size, noise_std, generator,
-                                       bar, position, lambda: requested["signal"] is not None,
-                                       args.amp)
-            except NonFiniteLoss as e:
-                kept = f"{args.checkpoint} keeps epoch {epoch - 1}" if history else "nothing saved"
-                print(f"train.py: error: the loss became NaN or infinite in epoch {epoch} by step "
-                      f"{e.step} (lr {config['lr']}); stopped, {kept}", file=sys.stderr)
-                return 1
-            except Interrupted as e:
-                save_checkpoint(make_checkpoint(net, optimizer, config, history, epoch - 1,
-                                                generator, e.position), args.checkpoint)
-                return stopped(requested["signal"], args.checkpoint, args.epochs,
-                               f"in epoch {epoch} after step {e.position['step']}")
-            position = None
-            train_seconds = time.perf_counter() - start
-            test_psnr, test_ssim = evaluate(net, test_noisy, test_x)
-            seconds = time.perf_counter() - start
-            history.append({"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr,
-                            "test_ssim": test_ssim, "seconds": seconds})
-            print(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
-                  f"SSIM {test_ssim:.4f}  {seconds:.1f} s  "
-                  f"{len(train_x) / train_seconds:,.0f} img/s", flush=True)
-            save_checkpoint(make_checkpoint(net, optimizer, config, history, epoch, generator),
-                            args.checkpoint)
-            if requested["signal"] is not None and epoch < args.epochs:  # came during evaluation
-                return stopped(requested["signal"], args.checkpoint, args.epochs,
-                               f"after epoch {epoch}")
+    if requested["signal"] is not None:  # came while loading: nothing new to save
+        name = signal.Signals(requested["signal"]).name
+        print(f"train.py: stopped by {name} before training; nothing saved", file=sys.stderr)
+        return 128 + requested["signal"]
+    for epoch in range(done + 1, args.epochs + 1):
+        start = time.perf_counter()
+        try:
+            with tqdm(total=steps, initial=position["step"] if position else 0,
+                      desc=f"epoch {epoch}", leave=False, disable=None) as bar:
+                # disable=None: a bar on a terminal, none in logs and CI
+                loss = train_epoch(net, optimizer, train_x, batch_size, noise_std, generator,
+                                   bar, position, lambda: requested["signal"] is not None,
+                                   args.amp)
+        except NonFiniteLoss as e:
+            kept = f"{args.checkpoint} keeps epoch {epoch - 1}" if history else "nothing saved"
+            print(f"train.py: error: the loss became NaN or infinite in epoch {epoch} by step "
+                  f"{e.step} (lr {config['lr']}); stopped, {kept}", file=sys.stderr)
+            return 1
+        except Interrupted as e:
+            save_checkpoint(make_checkpoint(net, optimizer, config, history, epoch - 1,
+                                            generator, e.position), args.checkpoint)
+            return stopped(requested["signal"], args.checkpoint, args.epochs,
+                           f"in epoch {epoch} after step {e.position['step']}")
+        position = None
+        train_seconds = time.perf_counter() - start
+        test_psnr, test_ssim = evaluate(net, test_noisy, test_x)
+        seconds = time.perf_counter() - start
+        history.append({"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr,
+                        "test_ssim": test_ssim, "seconds": seconds})
+        print(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
+              f"SSIM {test_ssim:.4f}  {seconds:.1f} s  "
+              f"{len(train_x) / train_seconds:,.0f} img/s", flush=True)
+        save_checkpoint(make_checkpoint(net, optimizer, config, history, epoch, generator),
+                        args.checkpoint)
+        if requested["signal"] is not None and epoch < args.epochs:  # came during evaluation
+            return stopped(requested["signal"], args.checkpoint, args.epochs,
+                           f"after epoch {epoch}")
 
     print(f"checkpoint: {args.checkpoint}")
     show = "python visualize.py" + ("" if args.checkpoint == "checkpoints/autoencoder.pt"
