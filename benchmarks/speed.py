@@ -93,6 +93,22 @@ def matmul_flops_per_second(n=1024, repeats=20):
     return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
+def profile_steps(net, images, steps, batch_size, noise_std, rows=12):
+    """torch.profiler's table of where `steps` training steps of the project's loop spend their
+    CPU time, by operator and input shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    train.train_epoch(net, optimizer, images[: 5 * batch_size], batch_size, noise_std, generator)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        train.train_epoch(net, optimizer, images[: steps * batch_size], batch_size, noise_std,
+                          generator)
+    return prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
+                                                              row_limit=rows)
+
+
 def main(argv=None):
     """Run the pairs and print images/s, ratios, evaluation speed and hardware utilisation."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -102,6 +118,8 @@ def main(argv=None):
     p.add_argument("--steps", type=train.positive_int, default=150, help="training steps per run")
     p.add_argument("--batch-size", type=train.positive_int, default=train.DEFAULT_BATCH_SIZE,
                    help="batch size of the project's loop (train.py's default)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's table for 30 steps of the project's loop")
     args = p.parse_args(argv)
     noise_std = 0.5
 
@@ -147,6 +165,8 @@ def main(argv=None):
     print(f"training cost: {flops / 1e6:.2f} MFLOP per image (forward + backward); "
           f"achieved {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of this CPU's "
           f"measured matmul throughput ({peak / 1e9:.0f} GFLOP/s)")
+    if args.profile:
+        print(profile_steps(fresh(), ds.train_x, 30, args.batch_size, noise_std))
     return 0
 
 
