@@ -184,9 +184,10 @@ def shuffle(n, generator):
     return torch.randperm(n, generator=generator, device=generator.device)  # n
 
 
-def batches(n, batch_size, generator):
-    """Yield index tensors that cover range(n) once, in an order shuffled by `generator`."""
-    yield from shuffle(n, generator).split(batch_size)
+def batches(order, batch_size, start=0):
+    """Yield the index tensors of consecutive minibatches of `order` (from shuffle), beginning
+    with batch number `start` (to continue an interrupted epoch)."""
+    yield from order.split(batch_size)[start:]
 
 
 def nonnegative_float(text):
@@ -195,6 +196,15 @@ def nonnegative_float(text):
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
+
+
+def is_noise_level(value):
+    """True for what --noise-std gives: a finite float >= 0, or [lo, hi] with 0 <= lo <= hi."""
+    def level(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
+    if isinstance(value, (list, tuple)):
+        return len(value) == 2 and all(map(level, value)) and value[0] <= value[1]
+    return level(value)
 
 
 def noise_level(text):

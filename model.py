@@ -47,26 +47,29 @@ class BasicAutoencoder(nn.Module):
         self.factor = 2 ** len(widths)
 
     def forward(self, x):  # N x C x H x W -> N x C x H x W in [0, 1]
+        """Denoise a batch; H and W must be multiples of 2 ** len(widths)."""
         if x.shape[-2] % self.factor or x.shape[-1] % self.factor:
             raise ValueError(f"height and width must be multiples of {self.factor}, "
                              f"got {tuple(x.shape[-2:])}")
         return self.net(x)
 
 
-def model_config(arch="basic", channels=1, widths=None):
-    """The part of a checkpoint's config that describes the network, as plain Python values."""
+def _check_arch(arch):
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
+
+
+def model_config(arch="basic", channels=1, widths=None):
+    """The part of a checkpoint's config that describes the network, as plain Python values."""
+    _check_arch(arch)
     return {"arch": arch, "channels": int(channels),
             "widths": [int(w) for w in (widths or DEFAULT_WIDTHS[arch])]}
 
 
 def build_model(config):
     """Rebuild a model from a checkpoint's whole config dict (reads arch, channels, widths)."""
-    arch = config["arch"]
-    if arch == "basic":
-        return BasicAutoencoder(config["channels"], tuple(config["widths"]))
-    raise ValueError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
+    _check_arch(config["arch"])
+    return BasicAutoencoder(config["channels"], tuple(config["widths"]))  # the one arch so far
 
 
 def count_parameters(model):

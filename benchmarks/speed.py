@@ -116,24 +116,31 @@ def main(argv=None):
     data.add_data_dir_flag(p)
     p.add_argument("--pairs", type=train.positive_int, default=3, help="A, B pairs to run")
     p.add_argument("--steps", type=train.positive_int, default=150, help="training steps per run")
-    p.add_argument("--batch-size", type=train.positive_int, default=train.DEFAULT_BATCH_SIZE,
-                   help="batch size of the project's loop (train.py's default)")
+    train.add_batch_size_flag(p)  # the project's loop; the tutorial's is fixed at 128
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's table for 30 steps of the project's loop")
     args = p.parse_args(argv)
-    noise_std = 0.5
 
     ds = data.load_dataset("mnist", args.data_dir)
     print(ds.note)
-    root = args.data_dir
-    if not data.raw_files_present("mnist", root):
-        # offline: give the tutorial pipeline the same sample, written in torchvision's layout
-        root = tempfile.mkdtemp(prefix="speed-mnist-")
-        raw = os.path.join(root, "MNIST", "raw")
-        for prefix, x, y in [("train", ds.train_x, ds.train_y), ("t10k", ds.test_x, ds.test_y)]:
-            data.write_idx(raw, prefix, (x[:, 0] * 255).round(), y)
     steps = min(args.steps, len(ds.train_x) // max(args.batch_size, TUTORIAL_BATCH_SIZE))
+    if steps == 0:
+        p.error(f"--batch-size {args.batch_size} is larger than the {len(ds.train_x):,} "
+                f"training images")
+    with tempfile.TemporaryDirectory(prefix="speed-mnist-") as scratch:
+        root = args.data_dir
+        if not data.raw_files_present("mnist", root):
+            # offline: give the tutorial pipeline the same sample, in torchvision's layout
+            root = scratch
+            raw = os.path.join(root, "MNIST", "raw")
+            for prefix, x, y in [("train", ds.train_x, ds.train_y),
+                                 ("t10k", ds.test_x, ds.test_y)]:
+                data.write_idx(raw, prefix, (x[:, 0] * 255).round(), y)  # N x 28 x 28 uint8
+        return measure(ds, root, steps, args.batch_size, args.pairs, args.profile)
 
+
+def measure(ds, root, steps, batch_size, pairs, profile, noise_std=0.5):
+    """The measurements main prints: pairs of runs, evaluation speed, FLOPs, a profile."""
     config = models.model_config()
     torch.manual_seed(0)
     initial = models.build_model(config).state_dict()
@@ -144,12 +151,12 @@ def main(argv=None):
         return net
 
     print(f"model: {config['arch']} {config['widths']}, {steps} steps per run, "
-          f"tutorial batch {TUTORIAL_BATCH_SIZE}, project batch {args.batch_size}, "
+          f"tutorial batch {TUTORIAL_BATCH_SIZE}, project batch {batch_size}, "
           f"{torch.get_num_threads()} threads")
     ratios, project_speeds = [], []
-    for pair in range(1, args.pairs + 1):
+    for pair in range(1, pairs + 1):
         a = tutorial_run(fresh(), root, steps, noise_std, seed=pair)
-        b = project_run(fresh(), ds.train_x, steps, args.batch_size, noise_std, seed=pair)
+        b = project_run(fresh(), ds.train_x, steps, batch_size, noise_std, seed=pair)
         ratios.append(b / a)
         project_speeds.append(b)
         print(f"pair {pair}: tutorial {a:8,.0f} img/s   project {b:8,.0f} img/s   "
@@ -165,8 +172,8 @@ def main(argv=None):
     print(f"training cost: {flops / 1e6:.2f} MFLOP per image (forward + backward); "
           f"achieved {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of this CPU's "
           f"measured matmul throughput ({peak / 1e9:.0f} GFLOP/s)")
-    if args.profile:
-        print(profile_steps(fresh(), ds.train_x, 30, args.batch_size, noise_std))
+    if profile:
+        print(profile_steps(fresh(), ds.train_x, 30, batch_size, noise_std))
     return 0
 
 
