@@ -169,7 +169,7 @@ def train_epoch(model, optimizer, images, batch_size, noise_std, generator, prog
         position = {"order": data.shuffle(len(images), generator), "step": 0, "loss_sum": 0.0}
     order, done = position["order"].to(images.device), position["step"]  # N, steps already done
     # summed on the device: no host sync per step
-    total = torch.tensor(position["loss_sum"], device=images.device)
+    total = torch.tensor(position["loss_sum"], device=images.device)  # scalar
     step = done
     for step, idx in enumerate(data.batches(order, batch_size, done), done + 1):
         clean = images[idx]  # B x C x H x W

@@ -25,7 +25,7 @@ def pick_indices(total, n, seed):
 
 def _as_image(tensor):
     """C x H x W in [0, 1] -> what imshow wants: H x W (gray) or H x W x C (colour)."""
-    image = tensor[0] if tensor.shape[0] == 1 else tensor.permute(1, 2, 0)
+    image = tensor[0] if tensor.shape[0] == 1 else tensor.permute(1, 2, 0)  # H x W (x C)
     return image.numpy()
 
 

@@ -75,7 +75,7 @@ def eval_throughput(net, clean, noise_std):
 
 def training_flops_per_image(net, shape):
     """FLOPs of one forward + backward pass per image, counted by torch's FlopCounterMode."""
-    x = torch.rand(16, *shape)
+    x = torch.rand(16, *shape)  # 16 x C x H x W
     with FlopCounterMode(display=False) as counter:
         F.mse_loss(net(x), x).backward()
     net.zero_grad(set_to_none=True)
@@ -84,7 +84,7 @@ def training_flops_per_image(net, shape):
 
 def matmul_flops_per_second(n=1024, repeats=20):
     """Measured float32 matmul throughput of this CPU (the practical peak)."""
-    a, b = torch.rand(n, n), torch.rand(n, n)
+    a, b = torch.rand(n, n), torch.rand(n, n)  # n x n each
     for _ in range(3):
         a @ b
     start = time.perf_counter()
