@@ -354,6 +354,7 @@ def _bad_checkpoints(folder):
         "random-bytes": lambda p: p.write_bytes(os.urandom(4096)),
         "bare-tensor": lambda p: torch.save(torch.zeros(3), str(p)),
         "dict-without-model": lambda p: torch.save({"weights": {}, "config": {}}, str(p)),
+        "unknown-arch": lambda p: _swap_config(p, source=good, arch="unet"),
         "config-without-dataset": lambda p: _swap_config(p, source=good, dataset=_DROP),
         "config-none-noise": lambda p: _swap_config(p, source=good, noise_std=None),
         "config-bad-noise": lambda p: _swap_config(p, source=good, noise_std=[0.5, 0.1]),
