@@ -39,15 +39,18 @@ def offline(monkeypatch):
 # ---------------------------------------------------------------- model
 
 
+@pytest.mark.parametrize("arch", models.ARCHS)
 @pytest.mark.parametrize("channels, height, width",
                          [(1, 28, 28), (3, 28, 28), (1, 32, 32), (3, 64, 48), (1, 8, 4)])
-def test_model_shapes_and_range(channels, height, width):
+def test_model_shapes_and_range(arch, channels, height, width):
     torch.manual_seed(0)
-    net = models.build_model(models.model_config("basic", channels))
+    net = models.build_model(models.model_config(arch, channels))
     x = torch.rand(2, channels, height, width)
     y = net(x)
     assert y.shape == x.shape
     assert y.min() >= 0 and y.max() <= 1
+    with pytest.raises(ValueError, match="multiples of 4"):
+        net(torch.rand(1, channels, 30, 28))
 
 
 def test_build_model_reads_config():
@@ -79,6 +82,57 @@ def test_noise_is_deterministic_under_a_generator():
     c = data.add_noise(images, 0.5, torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(data.add_noise(images, 0.0, torch.Generator()), images)
+
+
+def test_other_noise_types_have_the_documented_statistics():
+    g = torch.Generator().manual_seed(0)
+    grey = torch.full((100, 1, 28, 28), 0.4)
+    # salt-pepper 0.2: a fifth of the values replaced, half by 0 and half by 1, the rest kept
+    sp = data.add_noise(grey, 0.2, g, "salt-pepper")
+    assert (sp == 0).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    assert (sp == 1).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    assert ((sp == 0.4) | (sp == 0) | (sp == 1)).all()
+    # poisson 50 photons: unbiased, variance x / level, and a larger level is cleaner
+    po = data.add_noise(grey, 50.0, g, "poisson")
+    assert po.mean().item() == pytest.approx(0.4, abs=0.005)
+    assert po.var().item() == pytest.approx(0.4 / 50, rel=0.05)
+    assert (data.add_noise(grey, 500.0, g, "poisson") - grey).std() < (po - grey).std() / 3
+    # speckle 0.2: noise proportional to the pixel, so black stays black
+    mixed = torch.cat([grey, torch.zeros_like(grey)])  # half grey, half black
+    sk = data.add_noise(mixed, 0.2, g, "speckle")
+    assert (sk[100:] == 0).all()
+    assert (sk[:100] - grey).std().item() == pytest.approx(0.4 * 0.2, rel=0.02)
+    for kind in data.NOISES:  # every type: clipped, seeded, and per-image levels for LO:HI
+        loud = data.add_noise(grey, {"poisson": 0.5}.get(kind, 3.0), g, kind)
+        assert loud.min() >= 0 and loud.max() <= 1
+        a, b = (data.add_noise(grey, 0.3, torch.Generator().manual_seed(1), kind)
+                for _ in range(2))
+        assert torch.equal(a, b)
+        blind = data.add_noise(grey, [0.05, 0.5], torch.Generator().manual_seed(1), kind)
+        assert (blind - grey).flatten(1).std(1).std() > 0.01  # levels differ between images
+
+
+def test_noise_flags_resolve_and_bad_combinations_exit_2(capsys):
+    assert data.resolve_noise(None, None, None) == ("gaussian", 0.5)
+    assert data.resolve_noise("poisson", None, None) == ("poisson", 10.0)
+    assert data.resolve_noise(None, None, 0.3) == ("gaussian", 0.3)
+    assert data.resolve_noise(None, None, None, default=("speckle", 0.2)) == ("speckle", 0.2)
+    assert data.resolve_noise(None, 0.1, None, default=("speckle", 0.2)) == ("speckle", 0.1)
+    # another type than the checkpoint's starts from that type's own default level
+    assert data.resolve_noise("salt-pepper", None, None, default=("gaussian", 0.7)) == \
+        ("salt-pepper", 0.2)
+    args = train.parse_args(["--noise", "salt-pepper", "--noise-level", "0.05:0.3"])[1]
+    assert (args.noise, args.noise_level) == ("salt-pepper", [0.05, 0.3])
+    bad = {("--noise", "salt-pepper", "--noise-std", "0.2"): "--noise-std is the Gaussian level",
+           ("--noise-level", "0.1", "--noise-std", "0.2"): "not both",
+           ("--noise", "poisson", "--noise-level", "0"): "must be > 0",
+           ("--noise", "salt-pepper", "--noise-level", "1.5"): "at most 1",
+           ("--noise", "pink"): "invalid choice"}
+    for argv, message in bad.items():
+        with pytest.raises(SystemExit) as e:
+            train.main(list(argv))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, (argv, err)
 
 
 def test_batches_cover_every_index_once_in_shuffled_order():
@@ -256,7 +310,7 @@ def test_train_then_visualize(tmp_path, monkeypatch, capsys):
     assert set(ckpt) >= {"model", "config", "history"}
     config = ckpt["config"]
     assert config["arch"] == "basic" and config["dataset"] == "mnist-sample"  # what it used
-    assert config["noise_std"] == 0.5 and config["channels"] == 1 and config["seed"] == 0
+    assert config["noise"] == "gaussian" and config["noise_level"] == 0.5 and config["channels"] == 1 and config["seed"] == 0
     assert isinstance(config["torch"], str)
     assert [h["epoch"] for h in ckpt["history"]] == [1, 2]
     assert set(ckpt["history"][0]) == {"epoch", "train_loss", "test_psnr", "test_ssim", "seconds"}
@@ -314,7 +368,7 @@ class _RunsCode:
 def _full_config(channels=1):
     """A config with every key the scripts read (train.CONFIG_KEYS)."""
     return {**models.model_config("basic", channels), "dataset": "mnist-sample",
-            "data_dir": "data", "noise_std": 0.5}
+            "data_dir": "data", "noise": "gaussian", "noise_level": 0.5}
 
 
 def _good_checkpoint(path, channels=1):
@@ -354,10 +408,10 @@ def _bad_checkpoints(folder):
         "random-bytes": lambda p: p.write_bytes(os.urandom(4096)),
         "bare-tensor": lambda p: torch.save(torch.zeros(3), str(p)),
         "dict-without-model": lambda p: torch.save({"weights": {}, "config": {}}, str(p)),
-        "unknown-arch": lambda p: _swap_config(p, source=good, arch="unet"),
+        "unknown-arch": lambda p: _swap_config(p, source=good, arch="nope"),
         "config-without-dataset": lambda p: _swap_config(p, source=good, dataset=_DROP),
-        "config-none-noise": lambda p: _swap_config(p, source=good, noise_std=None),
-        "config-bad-noise": lambda p: _swap_config(p, source=good, noise_std=[0.5, 0.1]),
+        "config-none-noise": lambda p: _swap_config(p, source=good, noise_level=None),
+        "config-bad-noise": lambda p: _swap_config(p, source=good, noise_level=[0.5, 0.1]),
         "other-channels": lambda p: _good_checkpoint(p, channels=3) or _swap_config(p, channels=1),
         "other-widths": lambda p: _swap_config(p, widths=[8, 8], source=good),
     }
@@ -434,6 +488,119 @@ def test_fashion_mnist_offline_says_where_to_put_the_files(tmp_path, monkeypatch
         data.load_dataset("fashion-mnist", str(tmp_path))
 
 
+def _fake_cifar(root, n=20):
+    """CIFAR-10 batch files in torchvision's layout, with random pixels (n per batch)."""
+    import pickle
+    from torchvision.datasets import CIFAR10
+
+    folder = root / CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list:
+        batch = {"data": torch.randint(0, 256, (n, 3072), generator=g, dtype=torch.uint8).numpy(),
+                 "labels": list(range(n))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / CIFAR10.meta["filename"]).write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+
+
+def test_cifar10_loads_as_colour_and_offline_says_where_to_put_it(tmp_path, monkeypatch, capsys):
+    offline(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "cifar-10-batches-py" in err and "cifar-10-python.tar.gz" in err
+    _fake_cifar(tmp_path)
+    # the md5 sums of the real files are checked by torchvision; these are made up
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
+    ds = data.load_dataset("cifar10", str(tmp_path))
+    assert ds.train_x.shape == (100, 3, 32, 32) and ds.test_x.shape == (20, 3, 32, 32)
+    assert ds.train_x.dtype == torch.float32 and 0 <= ds.train_x.min() < ds.train_x.max() <= 1
+    gray = data.load_dataset("cifar10", str(tmp_path), channels=1)
+    assert gray.test_x.shape == (20, 1, 32, 32) and "as gray" in gray.note
+    # luminance weights: pure red becomes 0.299
+    red = torch.zeros(1, 3, 2, 2)
+    red[:, 0] = 1
+    assert data.convert_channels(red, 1).flatten().tolist() == pytest.approx([0.299] * 4, abs=1e-3)
+    assert torch.equal(data.convert_channels(gray.test_x, 3)[:, 2], gray.test_x[:, 0])
+
+
+def _save_image(pixels, path):
+    """Save uint8 C x H x W pixels as an image file (the suffix picks PNG or JPEG)."""
+    from PIL import Image
+
+    array = pixels.permute(1, 2, 0).squeeze(2).numpy()  # H x W (x 3)
+    Image.fromarray(array).save(path, format="JPEG" if path.lower().endswith(".jpg") else None)
+
+
+def _image_folder(root):
+    """A folder tree of PNG and JPEG files of several sizes and kinds, plus files to ignore."""
+    g = torch.Generator().manual_seed(0)
+    (root / "sub" / "deeper").mkdir(parents=True)
+    for i in range(8):  # colour PNGs of different sizes
+        _save_image(torch.randint(0, 256, (3, 20 + 2 * i, 24), generator=g, dtype=torch.uint8),
+                    str(root / f"photo{i}.png"))
+    _save_image(torch.randint(0, 256, (1, 30, 30), generator=g, dtype=torch.uint8),
+                str(root / "sub" / "gray.png"))
+    _save_image(torch.randint(0, 256, (3, 40, 33), generator=g, dtype=torch.uint8),
+                str(root / "sub" / "deeper" / "camera.JPG"))
+    _save_image(torch.zeros(3, 8, 8, dtype=torch.uint8), str(root / "tiny.png"))  # < --crop
+    (root / "notes.txt").write_text("not an image")
+
+
+def test_folder_data_set_splits_crops_and_converts(tmp_path):
+    _image_folder(tmp_path)
+    ds = data.load_dataset("folder", str(tmp_path), crop=16)
+    assert len(ds.train_x) + len(ds.test_x) == 10 and len(ds.test_x) == 1  # 10%, at least 1
+    assert all(img.shape[0] == 3 for img in ds.train_x) and ds.test_x.shape[1:] == (3, 16, 16)
+    assert "1 smaller than the crop left out" in ds.note
+    again = data.load_dataset("folder", str(tmp_path), crop=16)
+    assert torch.equal(ds.test_x, again.test_x)  # the same split every time
+    gray = data.load_dataset("folder", str(tmp_path), channels=1, crop=16)
+    assert gray.test_x.shape[1] == 1 and all(img.shape[0] == 1 for img in gray.train_x)
+
+    crops = data.epoch_images(ds.train_x, 16, seed=0, epoch=1)
+    per_image = data.crops_per_image(len(ds.train_x))
+    assert crops.shape == (len(ds.train_x) * per_image, 3, 16, 16)
+    assert data.images_per_epoch(ds.train_x) == len(crops) >= data.MIN_CROPS_PER_EPOCH
+    assert torch.equal(crops, data.epoch_images(ds.train_x, 16, seed=0, epoch=1))
+    assert not torch.equal(crops, data.epoch_images(ds.train_x, 16, seed=0, epoch=2))
+    first = ds.train_x[0]  # every crop is a window of its image
+    window = crops[0]
+    h, w = first.shape[-2:]
+    assert any(torch.equal(first[:, t:t + 16, x:x + 16], window)
+               for t in range(h - 15) for x in range(w - 15))
+
+
+def test_bad_folders_are_one_line(tmp_path):
+    with pytest.raises(data.DataError, match="not a folder"):
+        data.load_dataset("folder", str(tmp_path / "missing"))
+    with pytest.raises(data.DataError, match="has 0 PNG/JPEG images"):
+        data.load_dataset("folder", str(tmp_path), crop=16)
+    _image_folder(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(data.DataError, match="cannot read image .*broken.png") as e:
+        data.load_dataset("folder", str(tmp_path), crop=16)
+    assert "\n" not in str(e.value)
+
+
+def test_train_and_visualize_on_a_folder_of_images(tmp_path, capsys):
+    _image_folder(tmp_path / "images")
+    ckpt = _sample_run(tmp_path, "folder", "--dataset", "folder", "--data-dir",
+                       str(tmp_path / "images"), "--crop", "16", "--epochs", "1")
+    config = ckpt["config"]
+    assert (config["dataset"], config["crop"], config["channels"]) == ("folder", 16, 3)
+    assert "crops" in capsys.readouterr().out
+    png = str(tmp_path / "folder.png")
+    assert visualize.main(["--checkpoint", str(tmp_path / "folder.pt"), "--out", png]) == 0
+    for argv, message in [(["--crop", "16"], "--crop is for --dataset folder"),
+                          (["--dataset", "folder", "--crop", "18"], "multiple of 4"),
+                          (["--channels", "2"], "invalid choice")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
                                                                           capsys):
     net = models.build_model(models.model_config())
@@ -444,9 +611,9 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_pat
     path = tmp_path / "c.pt"
     real_add_noise, calls = data.add_noise, []
 
-    def poisoned(images, std, generator):  # the test set, then 63 batches of epoch 1, then NaN
+    def poisoned(*args):  # the test set, then 63 batches of epoch 1, then NaN
         calls.append(1)
-        out = real_add_noise(images, std, generator)
+        out = real_add_noise(*args)
         return out if len(calls) <= 64 else out * float("nan")
 
     monkeypatch.setattr(data, "add_noise", poisoned)
@@ -540,7 +707,7 @@ def test_an_interrupted_epoch_continues_exactly():
 def test_resume_refuses_contradicting_flags(tmp_path, one_epoch, capsys):
     shutil.copy(one_epoch, tmp_path / "first.pt")
     first = str(tmp_path / "first.pt")
-    cases = [(["--noise-std", "0.3"], "--noise-std 0.3 (the checkpoint has 0.5)"),
+    cases = [(["--noise-std", "0.3"], "--noise-level 0.3 (the checkpoint has 0.5)"),
              (["--dataset", "mnist"], "--dataset mnist (the checkpoint has mnist-sample)"),
              (["--lr", "0.01", "--epochs", "3"], "--lr 0.01"),
              (["--epochs", "1"], "1 epochs already")]
@@ -619,8 +786,8 @@ def test_numeric_flags_are_checked_before_anything_runs(epochs, batch, lr, noise
         and noise >= 0
     if valid:
         _, args, flags_given = train.parse_args(argv)
-        assert (args.epochs, args.batch_size, args.lr, args.noise_std) == (epochs, batch, lr, noise)
-        assert flags_given == {"epochs", "batch_size", "lr", "noise_std"}
+        assert (args.epochs, args.batch_size, args.lr, args.noise_level) == (epochs, batch, lr, noise)
+        assert flags_given == {"epochs", "batch_size", "lr", "noise", "noise_level"}
     else:
         with pytest.raises(SystemExit) as e:
             train.parse_args(argv)
@@ -639,18 +806,125 @@ def test_a_noise_range_draws_one_level_per_image():
 
 
 def test_noise_range_flag(tmp_path, capsys):
-    assert train.parse_args(["--noise-std", "0.1:0.5"])[1].noise_std == [0.1, 0.5]
+    assert train.parse_args(["--noise-std", "0.1:0.5"])[1].noise_level == [0.1, 0.5]
     for bad in ("0.5:0.1", "-0.1:0.2", "0.1:", "a:b"):
         with pytest.raises(SystemExit) as e:
             train.parse_args(["--noise-std", bad])
         assert e.value.code == 2, bad
     assert "LO <= HI" in capsys.readouterr().err
     ckpt = _sample_run(tmp_path, "blind", "--epochs", "1", "--noise-std", "0.1:0.5")
-    assert ckpt["config"]["noise_std"] == [0.1, 0.5]
+    assert ckpt["config"]["noise_level"] == [0.1, 0.5]
     assert "noisy input (sigma 0.1:0.5)" in capsys.readouterr().out
     out = str(tmp_path / "blind.png")
     assert visualize.main(["--checkpoint", str(tmp_path / "blind.pt"), "--out", out]) == 0
     assert "noise sigma 0.1:0.5" in capsys.readouterr().out
+
+
+def test_training_with_another_noise_type_records_it(tmp_path, capsys):
+    ckpt = _sample_run(tmp_path, "sp", "--epochs", "1", "--noise", "salt-pepper")
+    assert (ckpt["config"]["noise"], ckpt["config"]["noise_level"]) == ("salt-pepper", 0.2)
+    out = capsys.readouterr().out
+    assert "noisy input (salt-pepper 0.2)" in out
+    noisy_db = float(out.split("noisy input (salt-pepper 0.2): test PSNR ")[1].split()[0])
+    assert ckpt["history"][0]["test_psnr"] > noisy_db + 1  # 16 steps: learning has begun
+    png = str(tmp_path / "sp.png")
+    assert visualize.main(["--checkpoint", str(tmp_path / "sp.pt"), "--out", png]) == 0
+    assert "noise salt-pepper 0.2" in capsys.readouterr().out
+    assert visualize.main(["--checkpoint", str(tmp_path / "sp.pt"), "--out", png,
+                           "--noise-level", "0.4"]) == 0
+    assert "noise salt-pepper 0.4" in capsys.readouterr().out
+
+
+def test_checkpoint_from_before_noise_types_still_loads(tmp_path):
+    path = tmp_path / "old.pt"
+    _good_checkpoint(path)
+    _swap_config(path, noise=_DROP, noise_level=_DROP, noise_std=0.3)
+    config = train.load_checkpoint(str(path))["config"]
+    assert (config["noise"], config["noise_level"]) == ("gaussian", 0.3)
+
+
+# ---------------------------------------------------------------- sweep, curves, own images
+
+
+def test_median_filter_matches_numpy():
+    import numpy as np
+
+    x = torch.rand(2, 3, 5, 6, generator=torch.Generator().manual_seed(0))
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    expected = np.empty_like(x.numpy())
+    for i in range(5):
+        for j in range(6):
+            expected[:, :, i, j] = np.median(padded[:, :, i:i + 3, j:j + 3], axis=(2, 3))
+    assert np.allclose(visualize.median_filter(x).numpy(), expected)
+
+
+def test_blur_width_is_tuned_to_the_noise(sample):
+    clean = sample.test_x[:200]
+    widths = [visualize.tune_blur(train.fixed_noisy_test_set(clean, s), clean) for s in (0.1, 0.8)]
+    assert widths[0] < widths[1]  # more noise, more blur
+    blurred = visualize.gaussian_blur(clean, 1.0)
+    assert blurred.shape == clean.shape and blurred.sum().item() == pytest.approx(
+        clean.sum().item(), rel=0.02)  # a normalised kernel keeps the brightness
+
+
+def test_sweep_table_and_figure(tmp_path, one_epoch, capsys):
+    out = str(tmp_path / "s.png")
+    assert visualize.main(["--checkpoint", str(one_epoch), "--sweep", "--levels", "0.2,0.5",
+                           "--max-images", "300", "--out", out]) == 0
+    text = capsys.readouterr().out
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and "median 3x3" in table[0] and "Gaussian blur" in table[0]
+    assert table[2].startswith("| 0.2 |") and table[3].startswith("| 0.5 |")
+    noisy, median, blur, model = (float(c.split(" / ")[0]) for c in table[3].split("|")[2:6])
+    assert model > noisy + 1 and median > noisy and blur > noisy  # all help at 0.5 (1 epoch)
+    assert "300 test images" in text
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as e:  # a level the noise type cannot have
+        visualize.main(["--checkpoint", str(one_epoch), "--sweep", "--noise", "salt-pepper",
+                        "--levels", "0.5,2", "--out", out])
+    assert e.value.code == 2 and "at most 1" in capsys.readouterr().err
+
+
+def test_training_curves_figure(tmp_path, one_epoch, capsys):
+    out = tmp_path / "c.png"
+    assert visualize.main(["--checkpoint", str(one_epoch), "--curves", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "1 epochs" in capsys.readouterr().out
+
+
+def test_denoise_your_own_image_never_overwrites(tmp_path, one_epoch, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    photo = tmp_path / "photo.jpg"
+    _save_image(torch.randint(0, 256, (3, 37, 50), dtype=torch.uint8), str(photo))
+    before = photo.read_bytes()
+    argv = ["--checkpoint", str(one_epoch), "--image", str(photo)]
+    assert visualize.main(argv) == 0
+    assert "photo_denoised.png" in capsys.readouterr().out
+    with Image.open(tmp_path / "photo_denoised.png") as result:
+        assert result.size == (50, 37) and result.mode == "L"  # cropped back; gray model
+    assert (tmp_path / "photo_denoised_compare.png").stat().st_size > 1000
+    first = (tmp_path / "photo_denoised.png").read_bytes()
+    for extra, message in [([], "exists; pass --force"),
+                           (["--out", str(photo), "--force"], "is the input image")]:
+        with pytest.raises(SystemExit) as e:
+            visualize.main(argv + extra)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+    assert photo.read_bytes() == before and (tmp_path / "photo_denoised.png").read_bytes() == first
+    assert visualize.main(argv + ["--force"]) == 0
+    (tmp_path / "junk.png").write_text("not an image")
+    with pytest.raises(SystemExit) as e:
+        visualize.main(["--checkpoint", str(one_epoch), "--image", "junk.png"])
+    assert e.value.code == 2 and "cannot read image" in capsys.readouterr().err
+
+
+def test_odd_sized_images_are_padded_and_cropped_back():
+    torch.manual_seed(0)
+    net = models.build_model(models.model_config("unet", 3))
+    for h, w in [(1, 1), (3, 2), (29, 33), (64, 48)]:
+        out = visualize.denoise_image(net, torch.rand(3, h, w), 4)
+        assert out.shape == (3, h, w)
 
 
 def test_amp_is_for_cuda_and_its_code_path_runs(capsys):

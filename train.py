@@ -118,11 +118,11 @@ def ssim(pred, target, batch_size=EVAL_BATCH_SIZE):
     return torch.cat(per_image).mean().item()
 
 
-def fixed_noisy_test_set(clean, noise_std):
+def fixed_noisy_test_set(clean, level, kind="gaussian"):
     """The test images with noise drawn once from TEST_NOISE_SEED (not --seed), so that PSNR
     and SSIM compare across runs, seeds and epochs."""
     generator = torch.Generator(device=clean.device).manual_seed(TEST_NOISE_SEED)
-    return data.add_noise(clean, noise_std, generator)  # N x C x H x W
+    return data.add_noise(clean, level, generator, kind)  # N x C x H x W
 
 
 @torch.inference_mode()
@@ -149,8 +149,8 @@ class Interrupted(Exception):
         self.position = position
 
 
-def train_epoch(model, optimizer, images, batch_size, noise_std, generator, progress=None,
-                position=None, should_stop=None, amp=False):
+def train_epoch(model, optimizer, images, batch_size, noise_level, generator, progress=None,
+                position=None, should_stop=None, amp=False, noise="gaussian"):
     """One pass over `images` (clean, N x C x H x W): fresh noise per batch, MSE to the clean
     image, one Adam step per batch. Returns the mean training loss as a float; raises
     NonFiniteLoss if the loss is NaN or inf.
@@ -162,7 +162,8 @@ def train_epoch(model, optimizer, images, batch_size, noise_std, generator, prog
     with the position after that step: {"order", "step", "loss_sum"}. Passing that `position`
     back (with the generator in the state it was then) finishes the epoch exactly as an
     uninterrupted run would have. `amp` runs the forward pass under bfloat16 autocast (meant
-    for CUDA; the loss and the weights stay float32).
+    for CUDA; the loss and the weights stay float32). `noise` is one of data.NOISES and
+    `noise_level` its level (or a [lo, hi] range), as data.add_noise takes them.
     """
     model.train()
     if position is None:
@@ -173,7 +174,7 @@ def train_epoch(model, optimizer, images, batch_size, noise_std, generator, prog
     step = done
     for step, idx in enumerate(data.batches(order, batch_size, done), done + 1):
         clean = images[idx]  # B x C x H x W
-        noisy = data.add_noise(clean, noise_std, generator)  # B x C x H x W
+        noisy = data.add_noise(clean, noise_level, generator, noise)  # B x C x H x W
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
             restored = model(noisy)  # B x C x H x W
         loss = F.mse_loss(restored.float(), clean)
@@ -215,7 +216,7 @@ def save_checkpoint(checkpoint, path):
 
 
 # The config keys that train.py and visualize.py read from every checkpoint.
-CONFIG_KEYS = ("arch", "channels", "widths", "dataset", "data_dir", "noise_std")
+CONFIG_KEYS = ("arch", "channels", "widths", "dataset", "data_dir", "noise", "noise_level")
 
 
 class CheckpointError(Exception):
@@ -264,17 +265,20 @@ def load_checkpoint(path):
             and isinstance(checkpoint.get("config"), dict)):
         raise CheckpointError(f"{path} is not a checkpoint of this project "
                               f"(expected a dict with 'model' and 'config'); {hint}")
-    missing = [key for key in CONFIG_KEYS if key not in checkpoint["config"]]
+    config = checkpoint["config"]
+    if "noise_std" in config and "noise_level" not in config:  # written before --noise existed
+        config.update(noise="gaussian", noise_level=config.pop("noise_std"))
+    missing = [key for key in CONFIG_KEYS if key not in config]
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
-    config = checkpoint["config"]
-    wrong = [key for key in ("arch", "dataset", "data_dir") if not isinstance(config[key], str)]
+    wrong = [key for key in ("arch", "dataset", "data_dir", "noise") if not isinstance(config[key], str)]
     if wrong:
         raise CheckpointError(f"checkpoint {path} has a config whose {', '.join(wrong)} "
                               f"is not a string")
-    if not data.is_noise_level(config["noise_std"]):
-        raise CheckpointError(f"checkpoint {path} has a noise_std that is neither a level nor a "
-                              f"[lo, hi] range: {checkpoint['config']['noise_std']!r}")
+    try:
+        data.check_noise(config["noise"], config["noise_level"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} has an unusable noise setting: {e}") from e
     return checkpoint
 
 
@@ -328,9 +332,16 @@ def parse_args(argv=None):
                    help="passes over the training set (with --resume: the total to reach)")
     add_batch_size_flag(p)
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    data.add_noise_flag(p)
+    data.add_noise_flags(p)
     p.add_argument("--dataset", choices=data.DATASETS, default="mnist",
-                   help="mnist falls back to mnist-sample (5,000 digits) when offline")
+                   help="mnist falls back to mnist-sample (5,000 digits) when offline; "
+                        "folder: every PNG/JPEG under --data-dir, recursively")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="1 (gray) or 3 (colour): converts the images; default: the data set's "
+                        "own (colour for a folder)")
+    p.add_argument("--crop", type=positive_int, default=None,
+                   help=f"--dataset folder only: train on random CROP x CROP crops and test on "
+                        f"centre crops (default {data.DEFAULT_CROP})")
     data.add_data_dir_flag(p)
     p.add_argument("--arch", choices=models.ARCHS, default="basic", help="model architecture")
     p.add_argument("--seed", type=seed_int, default=0,
@@ -347,7 +358,20 @@ def parse_args(argv=None):
                    help="continue this checkpoint's run, exactly, up to --epochs in total")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    return p, args, given_flags(p, argv)
+    if args.crop is not None and args.dataset != "folder":
+        p.error("--crop is for --dataset folder (the other data sets are used whole)")
+    multiple = models.size_multiple(models.model_config(args.arch))
+    if args.dataset == "folder" and (args.crop or data.DEFAULT_CROP) % multiple:
+        p.error(f"--crop must be a multiple of {multiple} for --arch {args.arch}")
+    try:
+        args.noise, args.noise_level = data.resolve_noise(args.noise, args.noise_level,
+                                                          args.noise_std)
+    except ValueError as e:
+        p.error(str(e))
+    given = given_flags(p, argv)
+    if "noise_std" in given:  # one setting, two spellings: compare it as noise_level
+        given = (given - {"noise_std"}) | {"noise", "noise_level"}
+    return p, args, given
 
 
 def given_flags(parser, argv):
@@ -359,7 +383,7 @@ def given_flags(parser, argv):
 # Flags a resume may not change (each flag's dest is also its config key): changing them would
 # make the run something other than a continuation. --epochs, --checkpoint, --data-dir and
 # --device (within one device type) may change.
-RESUME_FIXED = ("arch", "dataset", "noise_std", "batch_size", "lr", "seed")
+RESUME_FIXED = ("arch", "dataset", "noise", "noise_level", "batch_size", "lr", "seed")
 
 
 def resume_conflicts(config, flags):
@@ -420,14 +444,15 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def new_config(ds, data_dir, arch, noise_std, seed, epochs, batch_size, lr, deterministic):
+def new_config(ds, data_dir, crop, arch, noise, noise_level, seed, epochs, batch_size, lr,
+               deterministic):
     """The checkpoint config of a new run: model, data, noise and training settings, versions.
     The data set is the one actually loaded (mnist-sample after the offline fallback)."""
     return {
-        **models.model_config(arch, ds.train_x.shape[1]),
+        **models.model_config(arch, ds.test_x.shape[1]),  # the channels follow the data
         "dataset": ds.name, "data_dir": os.path.abspath(data_dir),
-        "image_size": list(ds.train_x.shape[2:]),
-        "noise": "gaussian", "noise_std": noise_std, "test_noise_seed": TEST_NOISE_SEED,
+        "image_size": list(ds.test_x.shape[2:]), "crop": crop,
+        "noise": noise, "noise_level": noise_level, "test_noise_seed": TEST_NOISE_SEED,
         "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
         "deterministic": deterministic,
         "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
@@ -500,8 +525,10 @@ def run(parser, args, given, requested):
     dataset = checkpoint["config"]["dataset"] if checkpoint else args.dataset
     data_dir = (checkpoint["config"]["data_dir"] if checkpoint and "data_dir" not in given
                 else args.data_dir)
+    channels = checkpoint["config"]["channels"] if checkpoint else args.channels
+    crop = (checkpoint["config"].get("crop") if checkpoint else args.crop) or data.DEFAULT_CROP
     try:
-        ds = data.load_dataset(dataset, data_dir)
+        ds = data.load_dataset(dataset, data_dir, channels=channels, crop=crop)
     except data.DataError as e:
         parser.exit(2, f"train.py: error: {e}\n")
     print(ds.note)
@@ -511,12 +538,15 @@ def run(parser, args, given, requested):
                        f"point --data-dir at the original data\n")
 
     seed_everything(args.seed)  # the weights' initialisation
-    train_x, test_x = ds.train_x.to(device), ds.test_x.to(device)  # whole set on the device
+    train_x, test_x = ds.train_x, ds.test_x.to(device)  # whole test set on the device
+    if isinstance(train_x, torch.Tensor):  # a folder's images stay a list, cropped per epoch
+        train_x = train_x.to(device)
     if checkpoint:  # what a resume may change is recorded, so that the next resume keeps it
         config = {**checkpoint["config"], "epochs": args.epochs,
                   "data_dir": os.path.abspath(data_dir), "deterministic": args.deterministic}
     else:
-        config = new_config(ds, args.data_dir, args.arch, args.noise_std, args.seed,
+        config = new_config(ds, args.data_dir, crop if dataset == "folder" else None, args.arch,
+                            args.noise, args.noise_level, args.seed,
                             args.epochs, args.batch_size, args.lr, args.deterministic)
         net = models.build_model(config)
     generator = torch.Generator(device=device).manual_seed(config["seed"])  # order and noise
@@ -530,28 +560,30 @@ def run(parser, args, given, requested):
         history, done, position = checkpoint["history"], checkpoint["epoch"], checkpoint["position"]
         where = f", step {position['step']}" if position else ""
         print(f"resuming {args.resume}: {done} epochs done{where}, training to {args.epochs}")
-    noise_std, batch_size = config["noise_std"], config["batch_size"]
-    test_noisy = fixed_noisy_test_set(test_x, noise_std)  # N x C x H x W
+    noise, level, batch_size = config["noise"], config["noise_level"], config["batch_size"]
+    test_noisy = fixed_noisy_test_set(test_x, level, noise)  # N x C x H x W
     print(f"model: {config['arch']} {config['widths']}, {models.count_parameters(net):,} "
-          f"parameters, device {device}, {len(train_x):,} training images")
+          f"parameters, device {device}, {data.images_per_epoch(train_x):,} "
+          f"training images per epoch")
     base_psnr, base_ssim = psnr(test_noisy, test_x), ssim(test_noisy, test_x)
-    print(f"noisy input (sigma {data.format_noise(noise_std)}): test PSNR {base_psnr:.2f} dB, "
+    print(f"noisy input ({data.describe_noise(noise, level)}): test PSNR {base_psnr:.2f} dB, "
           f"SSIM {base_ssim:.4f}")
 
-    steps = math.ceil(len(train_x) / batch_size)
     if requested["signal"] is not None:  # came while loading: nothing new to save
         name = signal.Signals(requested["signal"]).name
         print(f"train.py: stopped by {name} before training; nothing saved", file=sys.stderr)
         return 128 + requested["signal"]
     for epoch in range(done + 1, args.epochs + 1):
         start = time.perf_counter()
+        images = data.epoch_images(train_x, crop, config["seed"], epoch).to(device)  # N x C x H x W
+        steps = math.ceil(len(images) / batch_size)
         try:
             with tqdm(total=steps, initial=position["step"] if position else 0,
                       desc=f"epoch {epoch}", leave=False, disable=None) as bar:
                 # disable=None: a bar on a terminal, none in logs and CI
-                loss = train_epoch(net, optimizer, train_x, batch_size, noise_std, generator,
+                loss = train_epoch(net, optimizer, images, batch_size, level, generator,
                                    bar, position, lambda: requested["signal"] is not None,
-                                   args.amp)
+                                   args.amp, noise)
         except NonFiniteLoss as e:
             kept = f"{args.checkpoint} keeps epoch {epoch - 1}" if history else "nothing saved"
             print(f"train.py: error: the loss became NaN or infinite in epoch {epoch} by step "
@@ -570,7 +602,7 @@ def run(parser, args, given, requested):
                         "test_ssim": test_ssim, "seconds": seconds})
         print(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
               f"SSIM {test_ssim:.4f}  {seconds:.1f} s  "
-              f"{len(train_x) / train_seconds:,.0f} img/s", flush=True)
+              f"{len(images) / train_seconds:,.0f} img/s", flush=True)
         save_checkpoint(make_checkpoint(net, optimizer, config, history, epoch, generator),
                         args.checkpoint)
         if requested["signal"] is not None and epoch < args.epochs:  # came during evaluation

@@ -1,16 +1,33 @@
-"""Draw noisy / clean / denoised test images for a trained checkpoint.
+"""Look at a trained checkpoint: test images, a noise-level sweep, training curves, your own image.
 
-    python visualize.py                    # reads checkpoints/autoencoder.pt, writes denoising.png
+    python visualize.py                    # noisy / clean / denoised test images -> denoising.png
+    python visualize.py --sweep            # model vs median filter vs Gaussian blur -> sweep.png
+    python visualize.py --curves           # train loss and test PSNR per epoch -> curves.png
+    python visualize.py --image photo.jpg  # denoise your own image -> photo_denoised.png
 """
 
 import argparse
+import math
+import os
 import sys
 
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 
 import data
 import train
+
+# Sweep levels per noise type, mildest first (Poisson: fewer photons is noisier).
+SWEEP_LEVELS = {
+    "gaussian": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "speckle": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "salt-pepper": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5],
+    "poisson": [100.0, 50.0, 20.0, 10.0, 5.0, 2.0],
+}
+BLUR_SIGMAS = (0.3, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0)  # Gaussian blur widths (pixels) tried per level
+TUNE_IMAGES = 500  # training images (never scored) on which each level's blur width is chosen
+CHUNK = 1000  # images per filter call: keeps the 3x3 windows of a large test set small
 
 
 def _one_line(error):
@@ -55,57 +72,315 @@ def draw_comparison(noisy, clean, denoised, title):
     return fig
 
 
+# ---------------------------------------------------------------- classical filters, the sweep
+
+
+def median_filter(images, size=3):
+    """Median of each `size` x `size` window, per channel, edges reflected:
+    N x C x H x W -> N x C x H x W."""
+    pad = size // 2
+    out = []
+    for chunk in images.split(CHUNK):
+        padded = F.pad(chunk, (pad, pad, pad, pad), mode="reflect")  # n x C x H+2p x W+2p
+        windows = padded.unfold(2, size, 1).unfold(3, size, 1)  # n x C x H x W x size x size
+        out.append(windows.flatten(-2).median(-1).values)  # n x C x H x W
+    return torch.cat(out)
+
+
+def gaussian_blur(images, sigma):
+    """torchvision's Gaussian blur of width `sigma` pixels, kernel cut at 3 sigma:
+    N x C x H x W -> N x C x H x W."""
+    from torchvision.transforms.v2 import functional as TF
+
+    size = 2 * math.ceil(3 * sigma) + 1
+    return TF.gaussian_blur(images, [size, size], [sigma, sigma])
+
+
+def tune_blur(noisy, clean, sigmas=BLUR_SIGMAS):
+    """The blur width from `sigmas` that gives these images the best mean PSNR."""
+    return max(sigmas, key=lambda s: train.psnr(gaussian_blur(noisy, s), clean))
+
+
+def sweep(net, test_clean, tune_clean, kind, levels):
+    """Score the model, a 3x3 median filter, a tuned Gaussian blur and the noisy input itself
+    at each noise level, all on the same noise draw (TEST_NOISE_SEED) of `test_clean`.
+
+    The blur width is chosen per level on `tune_clean` (images that are never scored).
+    Returns one dict per level: {"level", "blur_sigma", "scores": {method: (PSNR, SSIM)}}.
+    """
+    rows = []
+    for level in levels:
+        noisy = train.fixed_noisy_test_set(test_clean, level, kind)  # N x C x H x W
+        tune_noisy = train.fixed_noisy_test_set(tune_clean, level, kind)  # T x C x H x W
+        sigma = tune_blur(tune_noisy, tune_clean)
+        outputs = {"noisy input": noisy, "median 3x3": median_filter(noisy),
+                   "Gaussian blur": gaussian_blur(noisy, sigma),
+                   "model": train.denoise(net, noisy)}
+        scores = {name: (train.psnr(out, test_clean), train.ssim(out, test_clean))
+                  for name, out in outputs.items()}
+        rows.append({"level": level, "blur_sigma": sigma, "scores": scores})
+    return rows
+
+
+def sweep_table(rows, kind, model_name):
+    """The sweep as a markdown table: PSNR (dB) / SSIM of each method at each level."""
+    methods = list(rows[0]["scores"])
+    names = [model_name if m == "model" else m for m in methods]
+    lines = [f"| {kind} level | " + " | ".join(names) + " | blur sigma |",
+             "|---:|" + "---:|" * (len(methods) + 1)]
+    for row in rows:
+        cells = [f"{row['scores'][m][0]:.2f} / {row['scores'][m][1]:.3f}" for m in methods]
+        lines.append(f"| {row['level']:g} | " + " | ".join(cells) + f" | {row['blur_sigma']:g} |")
+    return "\n".join(lines)
+
+
+def draw_sweep(rows, kind, model_name, trained_level, title):
+    """PSNR against noise level, one line per method; the training level (or range) marked
+    (`trained_level` None: the model was trained on another noise type)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    levels = [row["level"] for row in rows]
+    for method in rows[0]["scores"]:
+        style = {"model": "o-", "noisy input": "k--"}.get(method, "s-")
+        ax.plot(levels, [row["scores"][method][0] for row in rows], style,
+                label=model_name if method == "model" else method)
+    if isinstance(trained_level, (list, tuple)):
+        ax.axvspan(*trained_level, color="0.9", label="trained on this range")
+    elif trained_level is not None:  # None: trained on another noise type
+        ax.axvline(trained_level, color="0.6", linestyle=":", label="trained at this level")
+    if kind == "poisson":
+        ax.set_xscale("log")
+        ax.invert_xaxis()  # noisier to the right, as for the other types
+    ax.set_xlabel(f"{kind} noise level ({data.NOISE_LEVELS[kind][0]})", fontsize=9)
+    ax.set_ylabel("test PSNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def draw_curves(history, title):
+    """Training loss (log scale) and test PSNR against epoch, from a checkpoint's history."""
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.plot(epochs, [h["train_loss"] for h in history], "o-")
+    left.set_yscale("log")
+    left.set_ylabel("training loss (MSE)")
+    right.plot(epochs, [h["test_psnr"] for h in history], "o-", color="C1")
+    right.set_ylabel("test PSNR (dB)")
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- your own image
+
+
+def denoise_image(net, image, multiple):
+    """Denoise one C x H x W image of any size: reflect-pad H and W up to `multiple` (what the
+    strides need), denoise, crop back. Returns C x H x W."""
+    h, w = image.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"  # reflect needs pad < size
+    padded = F.pad(image[None], (0, pad_w, 0, pad_h), mode=mode)  # 1 x C x H' x W'
+    return train.denoise(net, padded)[0, :, :h, :w]  # C x H x W
+
+
+def save_image(image, path):
+    """Save C x H x W in [0, 1] as an 8-bit image file (the suffix picks the format)."""
+    from PIL import Image
+
+    pixels = image.mul(255).round().to(torch.uint8).permute(1, 2, 0).squeeze(2)  # H x W (x C)
+    Image.fromarray(pixels.numpy()).save(path)
+
+
+def draw_side_by_side(noisy, denoised, title):
+    """Input | denoised, side by side, on a fixed 0..1 scale."""
+    h, w = noisy.shape[-2:]
+    fig, axes = plt.subplots(1, 2, figsize=(min(12, 2 * 5 * w / max(h, w) + 0.6), 5.4))
+    for ax, image, label in zip(axes, (noisy, denoised), ("input", "denoised")):
+        ax.imshow(_as_image(image), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(label)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def image_outputs(image_path, out=None):
+    """(denoised image, side-by-side figure) paths for --image: `out` or NAME_denoised.png in
+    the current folder for photo NAME.jpg, and the figure beside it as ..._compare.png."""
+    denoised = out or f"{os.path.splitext(os.path.basename(image_path))[0]}_denoised.png"
+    return denoised, f"{os.path.splitext(denoised)[0]}_compare.png"
+
+
+def refuse_overwrites(paths, image_path, force):
+    """Raise FileExistsError (one line) if any output would replace the input image, or an
+    existing file without `force`."""
+    for path in paths:
+        if os.path.exists(path) and os.path.samefile(path, image_path):
+            raise FileExistsError(f"{path} is the input image; choose another --out")
+        if os.path.exists(path) and not force:
+            raise FileExistsError(f"{path} exists; pass --force to replace it, or choose "
+                                  f"another --out")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def levels_list(text):
+    """argparse type for --levels: comma-separated numbers >= 0, e.g. 0.1,0.3,0.5."""
+    try:
+        return [data.nonnegative_float(part) for part in text.split(",")]
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0 separated by commas: {e}")
+
+
 def parse_args(argv=None):
     """Flags of visualize.py."""
-    p = argparse.ArgumentParser(description="Draw noisy / clean / denoised test images.",
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_checkpoint_flag(p)
-    p.add_argument("--out", default="denoising.png", help="where to save the figure (PNG)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--sweep", action="store_true",
+                      help="score the model, a 3x3 median filter and a tuned Gaussian blur "
+                           "across noise levels: a markdown table and a PSNR-vs-level figure")
+    what.add_argument("--curves", action="store_true",
+                      help="draw training loss and test PSNR per epoch from the checkpoint")
+    what.add_argument("--image", metavar="PATH",
+                      help="denoise this image file (any size, gray or colour) as it is")
+    p.add_argument("--out", default=None,
+                   help="output file; default denoising.png, sweep.png or curves.png, and for "
+                        "--image NAME_denoised.png (plus NAME_denoised_compare.png) here")
+    p.add_argument("--force", action="store_true",
+                   help="--image: let the outputs replace existing files (never the input)")
     p.add_argument("--n", type=train.positive_int, default=8, help="number of test images")
     p.add_argument("--seed", type=train.seed_int, default=0,
                    help="picks which test images are shown")
-    data.add_noise_flag(p, default=None)
+    p.add_argument("--levels", type=levels_list, default=None,
+                   help="--sweep: noise levels, comma-separated (default per noise type: "
+                        + "; ".join(f"{k} {','.join(f'{v:g}' for v in lv)}"
+                                    for k, lv in SWEEP_LEVELS.items()) + ")")
+    p.add_argument("--max-images", type=train.positive_int, default=None,
+                   help="--sweep: score only the first N test images (default: all)")
+    data.add_noise_flags(p, from_checkpoint=True)
     data.add_data_dir_flag(p, default=None)
     p.add_argument("--show", action="store_true", help="also open the figure in a window")
     return p, p.parse_args(argv)
 
 
+def _save(parser, fig, path, show):
+    try:
+        fig.savefig(path, dpi=120)
+    except (OSError, ValueError) as e:  # ValueError: a file type matplotlib cannot write
+        parser.exit(2, f"visualize.py: error: cannot write {path}: {_one_line(e)}\n")
+    if show:
+        plt.show()
+    plt.close(fig)
+
+
 def main(argv=None):
-    """Load the checkpoint, denoise a few fixed test images and save the comparison figure."""
+    """Load the checkpoint and draw what the flags ask for (see the module docstring)."""
     parser, args = parse_args(argv)
+    if not args.show:
+        plt.switch_backend("Agg")  # draw to a file: no display needed
     try:
         checkpoint = train.load_checkpoint(args.checkpoint)
         net = train.restore_model(checkpoint, args.checkpoint)
     except train.CheckpointError as e:
         parser.exit(2, f"visualize.py: error: {e}\n")
     config = checkpoint["config"]
-    noise_std = config["noise_std"] if args.noise_std is None else args.noise_std
+    name = f"{config['arch']} autoencoder"
+    if args.curves:
+        history = checkpoint.get("history") or []
+        if not history:
+            parser.exit(2, f"visualize.py: error: {args.checkpoint} has no training history\n")
+        title = (f"{name}, {config['dataset']}, noise "
+                 f"{data.describe_noise(config['noise'], config['noise_level'])}")
+        _save(parser, draw_curves(history, title), args.out or "curves.png", args.show)
+        print(f"figure: {args.out or 'curves.png'} ({len(history)} epochs)")
+        return 0
+    if args.image:
+        return denoise_file(parser, args, net, config)
     try:
-        ds = data.load_dataset(config["dataset"], args.data_dir or config["data_dir"])
+        noise, level = data.resolve_noise(args.noise, args.noise_level, args.noise_std,
+                                          default=(config["noise"], config["noise_level"]))
+    except ValueError as e:
+        parser.exit(2, f"visualize.py: error: {e}\n")
+    try:
+        ds = data.load_dataset(config["dataset"], args.data_dir or config["data_dir"],
+                               channels=config["channels"],
+                               crop=config.get("crop") or data.DEFAULT_CROP)
     except data.DataError as e:
         parser.exit(2, f"visualize.py: error: {e}\n")
     print(ds.note)
+    if args.sweep:
+        return sweep_command(parser, args, net, config, ds, noise)
 
     # The same noise draw as train.py's test metrics, so the numbers under the images agree.
-    noisy_all = train.fixed_noisy_test_set(ds.test_x, noise_std)  # N x C x H x W
+    noisy_all = train.fixed_noisy_test_set(ds.test_x, level, noise)  # N x C x H x W
     idx = pick_indices(len(ds.test_x), min(args.n, len(ds.test_x)), args.seed)  # n
     clean, noisy = ds.test_x[idx], noisy_all[idx]  # n x C x H x W each
     denoised = train.denoise(net, noisy)  # n x C x H x W
-    sigma = data.format_noise(noise_std)
-    title = (f"{config['arch']} autoencoder, {config['dataset']}, noise sigma {sigma}: "
+    title = (f"{name}, {config['dataset']}, noise {data.describe_noise(noise, level)}: "
              f"mean PSNR {train.psnr(noisy, clean):.1f} dB noisy -> "
              f"{train.psnr(denoised, clean):.1f} dB denoised")
-    if not args.show:
-        plt.switch_backend("Agg")  # draw to a file: no display needed
-    fig = draw_comparison(noisy, clean, denoised, title)
+    out = args.out or "denoising.png"
+    _save(parser, draw_comparison(noisy, clean, denoised, title), out, args.show)
+    print(f"figure: {out} ({title})")
+    return 0
+
+
+def sweep_command(parser, args, net, config, ds, noise):
+    """--sweep: print the markdown table and save the PSNR-vs-level figure."""
+    levels = args.levels or SWEEP_LEVELS[noise]
     try:
-        fig.savefig(args.out, dpi=120)
-    except (OSError, ValueError) as e:  # ValueError: a file type matplotlib cannot write
-        parser.exit(2, f"visualize.py: error: cannot write {args.out}: {_one_line(e)}\n")
-    print(f"figure: {args.out} ({title})")
-    if args.show:
-        plt.show()
-    plt.close(fig)
+        for level in levels:
+            data.check_noise(noise, level)
+    except ValueError as e:
+        parser.exit(2, f"visualize.py: error: --levels: {e}\n")
+    test_clean = ds.test_x[: args.max_images]  # N x C x H x W
+    crop = config.get("crop") or data.DEFAULT_CROP  # a folder's images are cropped as in training
+    tune_clean = data.epoch_images(ds.train_x, crop, 0, 0)[:TUNE_IMAGES]  # T x C x H x W
+    model_name = f"{config['arch']} ({config['dataset']})"
+    rows = sweep(net, test_clean, tune_clean, noise, levels)
+    trained = config["noise_level"] if noise == config["noise"] else None
+    print(f"{len(test_clean):,} test images, the same noise draw for every method; blur width "
+          f"tuned per level on {len(tune_clean)} training images")
+    print(sweep_table(rows, noise, model_name))
+    title = f"{model_name} vs classical filters, {len(test_clean):,} test images"
+    fig = draw_sweep(rows, noise, model_name, trained, title)
+    out = args.out or "sweep.png"
+    _save(parser, fig, out, args.show)
+    print(f"figure: {out}")
+    return 0
+
+
+def denoise_file(parser, args, net, config):
+    """--image PATH: denoise the file, save the result and an input | denoised figure."""
+    try:
+        image = data.read_image(args.image, config["channels"])  # C x H x W
+    except data.DataError as e:
+        parser.exit(2, f"visualize.py: error: {e}\n")
+    out, compare = image_outputs(args.image, args.out)
+    try:
+        refuse_overwrites([out, compare], args.image, args.force)
+    except FileExistsError as e:
+        parser.exit(2, f"visualize.py: error: {e}\n")
+    denoised = denoise_image(net, image, 2 ** len(config["widths"]))  # C x H x W
+    try:
+        save_image(denoised, out)
+    except (OSError, ValueError, KeyError) as e:  # KeyError: PIL knows no such suffix
+        parser.exit(2, f"visualize.py: error: cannot write {out}: {_one_line(e)}\n")
+    title = (f"{args.image} ({image.shape[-1]}x{image.shape[-2]}), {config['arch']} trained on "
+             f"{config['dataset']} at noise "
+             f"{data.describe_noise(config['noise'], config['noise_level'])}")
+    _save(parser, draw_side_by_side(image, denoised, title), compare, args.show)
+    print(f"denoised: {out}; side by side: {compare}")
     return 0
 
 
