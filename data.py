@@ -26,7 +26,7 @@ class DataError(Exception):
 class Data(NamedTuple):
     """A data set held in memory, with one line saying where it came from."""
 
-    train_x: torch.Tensor  # N x C x H x W, float32 in [0, 1]
+    train_x: torch.Tensor  # N x C x H x W, float32 in [0, 1]; a folder: list of uint8 C x H x W
     train_y: torch.Tensor  # N, int64 class labels
     test_x: torch.Tensor  # M x C x H x W, float32 in [0, 1]
     test_y: torch.Tensor  # M
@@ -208,9 +208,9 @@ def image_files(folder):
 
 
 def read_image(path, channels):
-    """An image file as C x H x W float32 in [0, 1], C = channels: gray (1) or RGB (3), whatever
-    the file holds (palette, alpha, 16-bit), turned upright as its EXIF tag says (phone photos).
-    Raises DataError with one line."""
+    """An image file as uint8 C x H x W, C = channels: gray (1) or RGB (3), whatever the file
+    holds (palette, alpha, ...), turned upright as its EXIF tag says (phone photos). Raises
+    DataError with one line. to_float gives the [0, 1] floats the models take."""
     from PIL import Image, ImageOps  # Pillow: torchvision's own image reader for its data sets
     from torchvision.transforms.v2 import functional as TF
 
@@ -219,14 +219,20 @@ def read_image(path, channels):
             image = ImageOps.exif_transpose(file).convert("L" if channels == 1 else "RGB")
     except Exception as e:  # not an image, truncated, unsupported
         raise DataError(f"cannot read image {path}: {' '.join(str(e).split())[:120]}") from e
-    return TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)  # C x H x W in [0, 1]
+    return TF.pil_to_tensor(image)  # C x H x W uint8
+
+
+def to_float(pixels):
+    """uint8 pixels (any shape) -> float32 in [0, 1]."""
+    return pixels.to(torch.float32).div_(255)
 
 
 def load_folder(folder, channels, crop):
     """A folder of PNG/JPEG images (recursive) as a data set: 10% of the files (at least one)
     held out for testing, each as its centre crop of `crop` x `crop` pixels; the others are
-    kept whole (a list of C x H x W tensors) for random_crops. Images smaller than `crop` on
-    either side are left out, and counted in the note. Raises DataError with one line."""
+    kept whole, as uint8 to save memory (a list of C x H x W tensors), for epoch_images.
+    Images smaller than `crop` on either side are left out, and counted in the note. Raises
+    DataError with one line."""
     from torchvision.transforms.v2 import functional as TF
 
     if not os.path.isdir(folder):
@@ -240,7 +246,8 @@ def load_folder(folder, channels, crop):
                         f"testing), or a smaller --crop")
     order = torch.randperm(len(fits), generator=torch.Generator().manual_seed(FOLDER_SPLIT_SEED))
     n_test = max(1, round(FOLDER_TEST_FRACTION * len(fits)))
-    test = torch.stack([TF.center_crop(fits[i], [crop, crop]) for i in order[:n_test]])
+    test = to_float(torch.stack([TF.center_crop(fits[i], [crop, crop])
+                                 for i in order[:n_test]]))  # M x C x crop x crop
     train = [fits[i] for i in order[n_test:]]
     small = f", {len(images) - len(fits)} smaller than the crop left out" if len(fits) < len(
         images) else ""
@@ -281,7 +288,7 @@ def epoch_images(train_x, crop, seed, epoch):
     if isinstance(train_x, torch.Tensor):
         return train_x
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return random_crops(train_x, crop, crops_per_image(len(train_x)), generator)
+    return to_float(random_crops(train_x, crop, crops_per_image(len(train_x)), generator))
 
 
 def load_dataset(name, data_dir, download=True, channels=None, crop=DEFAULT_CROP):
@@ -415,7 +422,8 @@ def add_data_dir_flag(parser, default="data"):
     """Declare --data-dir (shared by train.py and visualize.py; None: the checkpoint's)."""
     parser.add_argument("--data-dir", default=default,
                         help="folder holding data sets in torchvision's layout "
-                             "(DATA_DIR/MNIST/raw/*-ubyte); downloads go here"
+                             "(DATA_DIR/MNIST/raw/*-ubyte); downloads go here. With --dataset "
+                             "folder: the folder of images"
                              + ("; None: the folder the checkpoint was trained from"
                                 if default is None else ""))
 

@@ -271,7 +271,8 @@ def load_checkpoint(path):
     missing = [key for key in CONFIG_KEYS if key not in config]
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
-    wrong = [key for key in ("arch", "dataset", "data_dir", "noise") if not isinstance(config[key], str)]
+    wrong = [key for key in ("arch", "dataset", "data_dir", "noise")
+             if not isinstance(config[key], str)]
     if wrong:
         raise CheckpointError(f"checkpoint {path} has a config whose {', '.join(wrong)} "
                               f"is not a string")

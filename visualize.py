@@ -101,9 +101,10 @@ def tune_blur(noisy, clean, sigmas=BLUR_SIGMAS):
     return max(sigmas, key=lambda s: train.psnr(gaussian_blur(noisy, s), clean))
 
 
-def sweep(net, test_clean, tune_clean, kind, levels):
-    """Score the model, a 3x3 median filter, a tuned Gaussian blur and the noisy input itself
-    at each noise level, all on the same noise draw (TEST_NOISE_SEED) of `test_clean`.
+def sweep(nets, test_clean, tune_clean, kind, levels):
+    """Score the noisy input itself, a 3x3 median filter, a tuned Gaussian blur and each model
+    in `nets` ({name: model}) at each noise level, all on the same noise draw (TEST_NOISE_SEED)
+    of `test_clean`.
 
     The blur width is chosen per level on `tune_clean` (images that are never scored).
     Returns one dict per level: {"level", "blur_sigma", "scores": {method: (PSNR, SSIM)}}.
@@ -115,18 +116,17 @@ def sweep(net, test_clean, tune_clean, kind, levels):
         sigma = tune_blur(tune_noisy, tune_clean)
         outputs = {"noisy input": noisy, "median 3x3": median_filter(noisy),
                    "Gaussian blur": gaussian_blur(noisy, sigma),
-                   "model": train.denoise(net, noisy)}
+                   **{name: train.denoise(net, noisy) for name, net in nets.items()}}
         scores = {name: (train.psnr(out, test_clean), train.ssim(out, test_clean))
                   for name, out in outputs.items()}
         rows.append({"level": level, "blur_sigma": sigma, "scores": scores})
     return rows
 
 
-def sweep_table(rows, kind, model_name):
+def sweep_table(rows, kind):
     """The sweep as a markdown table: PSNR (dB) / SSIM of each method at each level."""
     methods = list(rows[0]["scores"])
-    names = [model_name if m == "model" else m for m in methods]
-    lines = [f"| {kind} level | " + " | ".join(names) + " | blur sigma |",
+    lines = [f"| {kind} level | " + " | ".join(methods) + " | blur sigma |",
              "|---:|" + "---:|" * (len(methods) + 1)]
     for row in rows:
         cells = [f"{row['scores'][m][0]:.2f} / {row['scores'][m][1]:.3f}" for m in methods]
@@ -134,19 +134,14 @@ def sweep_table(rows, kind, model_name):
     return "\n".join(lines)
 
 
-def draw_sweep(rows, kind, model_name, trained_level, title):
-    """PSNR against noise level, one line per method; the training level (or range) marked
-    (`trained_level` None: the model was trained on another noise type)."""
+def draw_sweep(rows, kind, title):
+    """PSNR against noise level, one line per method: filters as squares, models as dots."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     levels = [row["level"] for row in rows]
     for method in rows[0]["scores"]:
-        style = {"model": "o-", "noisy input": "k--"}.get(method, "s-")
-        ax.plot(levels, [row["scores"][method][0] for row in rows], style,
-                label=model_name if method == "model" else method)
-    if isinstance(trained_level, (list, tuple)):
-        ax.axvspan(*trained_level, color="0.9", label="trained on this range")
-    elif trained_level is not None:  # None: trained on another noise type
-        ax.axvline(trained_level, color="0.6", linestyle=":", label="trained at this level")
+        style = {"noisy input": "k--", "median 3x3": "s:", "Gaussian blur": "s:"}.get(method,
+                                                                                   "o-")
+        ax.plot(levels, [row["scores"][method][0] for row in rows], style, label=method)
     if kind == "poisson":
         ax.set_xscale("log")
         ax.invert_xaxis()  # noisier to the right, as for the other types
@@ -267,6 +262,9 @@ def parse_args(argv=None):
                                     for k, lv in SWEEP_LEVELS.items()) + ")")
     p.add_argument("--max-images", type=train.positive_int, default=None,
                    help="--sweep: score only the first N test images (default: all)")
+    p.add_argument("--with", dest="others", nargs="+", default=[], metavar="CHECKPOINT",
+                   help="--sweep: more checkpoints of the same data set to score beside "
+                        "--checkpoint's model")
     data.add_noise_flags(p, from_checkpoint=True)
     data.add_data_dir_flag(p, default=None)
     p.add_argument("--show", action="store_true", help="also open the figure in a window")
@@ -335,6 +333,28 @@ def main(argv=None):
     return 0
 
 
+def model_name(config):
+    """How a sweep names a model: its architecture and training noise, e.g. 'unet, sigma 0.5'."""
+    return f"{config['arch']}, {data.describe_noise(config['noise'], config['noise_level'])}"
+
+
+def load_others(paths, config):
+    """The models of the --with checkpoints, {name: model}; each must have been trained on the
+    data set and channels of `config`. Raises CheckpointError with one line."""
+    nets = {}
+    for path in paths:
+        other = train.load_checkpoint(path)
+        theirs = (other["config"]["dataset"], other["config"]["channels"])
+        if theirs != (config["dataset"], config["channels"]):
+            raise train.CheckpointError(f"--with {path} was trained on {theirs[0]} ({theirs[1]} "
+                                        f"channels), not on {config['dataset']} "
+                                        f"({config['channels']})")
+        name = model_name(other["config"])
+        nets[name if name not in nets and name != model_name(config)
+             else f"{name} ({os.path.basename(path)})"] = train.restore_model(other, path)
+    return nets
+
+
 def sweep_command(parser, args, net, config, ds, noise):
     """--sweep: print the markdown table and save the PSNR-vs-level figure."""
     levels = args.levels or SWEEP_LEVELS[noise]
@@ -346,14 +366,16 @@ def sweep_command(parser, args, net, config, ds, noise):
     test_clean = ds.test_x[: args.max_images]  # N x C x H x W
     crop = config.get("crop") or data.DEFAULT_CROP  # a folder's images are cropped as in training
     tune_clean = data.epoch_images(ds.train_x, crop, 0, 0)[:TUNE_IMAGES]  # T x C x H x W
-    model_name = f"{config['arch']} ({config['dataset']})"
-    rows = sweep(net, test_clean, tune_clean, noise, levels)
-    trained = config["noise_level"] if noise == config["noise"] else None
-    print(f"{len(test_clean):,} test images, the same noise draw for every method; blur width "
-          f"tuned per level on {len(tune_clean)} training images")
-    print(sweep_table(rows, noise, model_name))
-    title = f"{model_name} vs classical filters, {len(test_clean):,} test images"
-    fig = draw_sweep(rows, noise, model_name, trained, title)
+    try:
+        nets = {model_name(config): net, **load_others(args.others, config)}
+    except train.CheckpointError as e:
+        parser.exit(2, f"visualize.py: error: {e}\n")
+    rows = sweep(nets, test_clean, tune_clean, noise, levels)
+    print(f"{config['dataset']}: {len(test_clean):,} test images, the same noise draw for every "
+          f"method; blur width tuned per level on {len(tune_clean)} training images")
+    print(sweep_table(rows, noise))
+    title = f"{config['dataset']}, {noise} noise, {len(test_clean):,} test images"
+    fig = draw_sweep(rows, noise, title)
     out = args.out or "sweep.png"
     _save(parser, fig, out, args.show)
     print(f"figure: {out}")
@@ -363,7 +385,7 @@ def sweep_command(parser, args, net, config, ds, noise):
 def denoise_file(parser, args, net, config):
     """--image PATH: denoise the file, save the result and an input | denoised figure."""
     try:
-        image = data.read_image(args.image, config["channels"])  # C x H x W
+        image = data.to_float(data.read_image(args.image, config["channels"]))  # C x H x W
     except data.DataError as e:
         parser.exit(2, f"visualize.py: error: {e}\n")
     out, compare = image_outputs(args.image, args.out)
