@@ -34,6 +34,11 @@ class Data(NamedTuple):
     name: str  # the data set actually loaded: "mnist-sample" after the offline fallback
 
 
+def one_line(error, limit=200):
+    """An exception's message on one line, at most `limit` characters (for error lines)."""
+    return " ".join(str(error).split())[:limit]
+
+
 def _torchvision_class(name):
     # Imported here so that `import data` stays cheap for scripts that never load images.
     from torchvision import datasets
@@ -162,7 +167,7 @@ def load_builtin(name, data_dir, download=True):
             data = load_torchvision(name, data_dir)
             return data._replace(note=data.note.replace(" from ", " downloaded into ", 1))
         except Exception as e:  # offline, firewall, mirror down: all end the same way
-            reason = " ".join(str(e).split())[:200]  # torchvision's message spans lines
+            reason = one_line(e)  # torchvision's message spans lines
     folder = _data_folder(name, data_dir)
     if name == "cifar10":
         url = _torchvision_class(name).url
@@ -218,7 +223,7 @@ def read_image(path, channels):
         with Image.open(path) as file:
             image = ImageOps.exif_transpose(file).convert("L" if channels == 1 else "RGB")
     except Exception as e:  # not an image, truncated, unsupported
-        raise DataError(f"cannot read image {path}: {' '.join(str(e).split())[:120]}") from e
+        raise DataError(f"cannot read image {path}: {one_line(e, 120)}") from e
     return TF.pil_to_tensor(image)  # C x H x W uint8
 
 

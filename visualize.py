@@ -30,10 +30,6 @@ TUNE_IMAGES = 500  # training images (never scored) on which each level's blur w
 CHUNK = 1000  # images per filter call: keeps the 3x3 windows of a large test set small
 
 
-def _one_line(error):
-    return " ".join(str(error).split())[:200]
-
-
 def pick_indices(total, n, seed):
     """`n` distinct test indices, the same for the same seed (seed 0 is the default figure)."""
     generator = torch.Generator().manual_seed(seed)
@@ -275,7 +271,7 @@ def _save(parser, fig, path, show):
     try:
         fig.savefig(path, dpi=120)
     except (OSError, ValueError) as e:  # ValueError: a file type matplotlib cannot write
-        parser.exit(2, f"visualize.py: error: cannot write {path}: {_one_line(e)}\n")
+        parser.exit(2, f"visualize.py: error: cannot write {path}: {data.one_line(e)}\n")
     if show:
         plt.show()
     plt.close(fig)
@@ -397,7 +393,7 @@ def denoise_file(parser, args, net, config):
     try:
         save_image(denoised, out)
     except (OSError, ValueError, KeyError) as e:  # KeyError: PIL knows no such suffix
-        parser.exit(2, f"visualize.py: error: cannot write {out}: {_one_line(e)}\n")
+        parser.exit(2, f"visualize.py: error: cannot write {out}: {data.one_line(e)}\n")
     title = (f"{args.image} ({image.shape[-1]}x{image.shape[-2]}), {config['arch']} trained on "
              f"{config['dataset']} at noise "
              f"{data.describe_noise(config['noise'], config['noise_level'])}")
