@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 import data
 import model as models
@@ -167,6 +168,17 @@ def test_ssim_known_values():
     got = train.ssim(torch.full((2, 1, 28, 28), a), torch.full((2, 1, 28, 28), b))
     assert got == pytest.approx(expected, abs=1e-4)
     assert train.ssim(torch.rand_like(x), x) < 0.1
+
+
+def test_ssim_matches_torchmetrics_and_restores_onednn():
+    # train.ssim switches oneDNN off for speed: same value as torchmetrics' own call, and the
+    # switch does not leak into the training that follows
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(300, 1, 28, 28, generator=g)
+    noisy = (clean + 0.3 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    expected = structural_similarity_index_measure(noisy, clean, data_range=1.0).item()
+    assert train.ssim(noisy, clean, batch_size=128) == pytest.approx(expected, abs=1e-6)
+    assert torch.backends.mkldnn.enabled
 
 
 def test_fixed_noisy_test_set_ignores_the_global_seed():
