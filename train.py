@@ -64,6 +64,18 @@ def seed_int(text):
     return value
 
 
+def widths_list(text):
+    """argparse type for --widths: '32,64' -> [32, 64], one positive channel count per level."""
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas "
+                                         f"(e.g. 32,64), got {text!r}")
+    return widths
+
+
 def open_device(name):
     """pick_device, then touch the device, so that an unknown or absent one fails now with one
     line (RuntimeError) instead of mid-run."""
@@ -351,6 +363,11 @@ def parse_args(argv=None):
                         f"centre crops (default {data.DEFAULT_CROP})")
     data.add_data_dir_flag(p)
     p.add_argument("--arch", choices=models.ARCHS, default="basic", help="model architecture")
+    p.add_argument("--widths", type=widths_list, default=None,
+                   help="channels per level, comma-separated; each level halves the image, so "
+                        "MNIST's 28 x 28 takes at most 2 (default: "
+                        + "; ".join(f"{a} {','.join(map(str, w))}"
+                                    for a, w in models.DEFAULT_WIDTHS.items()) + ")")
     p.add_argument("--seed", type=seed_int, default=0,
                    help="seeds Python, NumPy and torch: the weights, the data order and the noise")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a name")
@@ -367,9 +384,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.crop is not None and args.dataset != "folder":
         p.error("--crop is for --dataset folder (the other data sets are used whole)")
-    multiple = models.size_multiple(models.model_config(args.arch))
+    multiple = models.size_multiple(models.model_config(args.arch, widths=args.widths))
     if args.dataset == "folder" and (args.crop or data.DEFAULT_CROP) % multiple:
-        p.error(f"--crop must be a multiple of {multiple} for --arch {args.arch}")
+        p.error(f"--crop must be a multiple of {multiple} for --arch {args.arch} with "
+                f"{len(models.model_config(args.arch, widths=args.widths)['widths'])} levels")
     try:
         args.noise, args.noise_level = data.resolve_noise(args.noise, args.noise_level,
                                                           args.noise_std)
@@ -390,7 +408,7 @@ def given_flags(parser, argv):
 # Flags a resume may not change (each flag's dest is also its config key): changing them would
 # make the run something other than a continuation. --epochs, --checkpoint, --data-dir and
 # --device (within one device type) may change.
-RESUME_FIXED = ("arch", "dataset", "noise", "noise_level", "batch_size", "lr", "seed")
+RESUME_FIXED = ("arch", "widths", "dataset", "noise", "noise_level", "batch_size", "lr", "seed")
 
 
 def resume_conflicts(config, flags):
@@ -451,12 +469,12 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def new_config(ds, data_dir, crop, arch, noise, noise_level, seed, epochs, batch_size, lr,
-               deterministic):
+def new_config(ds, data_dir, crop, arch, widths, noise, noise_level, seed, epochs, batch_size,
+               lr, deterministic):
     """The checkpoint config of a new run: model, data, noise and training settings, versions.
     The data set is the one actually loaded (mnist-sample after the offline fallback)."""
     return {
-        **models.model_config(arch, ds.test_x.shape[1]),  # the channels follow the data
+        **models.model_config(arch, ds.test_x.shape[1], widths),  # channels follow the data
         "dataset": ds.name, "data_dir": os.path.abspath(data_dir),
         "image_size": list(ds.test_x.shape[2:]), "crop": crop,
         "noise": noise, "noise_level": noise_level, "test_noise_seed": TEST_NOISE_SEED,
@@ -553,8 +571,14 @@ def run(parser, args, given, requested):
                   "data_dir": os.path.abspath(data_dir), "deterministic": args.deterministic}
     else:
         config = new_config(ds, args.data_dir, crop if dataset == "folder" else None, args.arch,
-                            args.noise, args.noise_level, args.seed,
+                            args.widths, args.noise, args.noise_level, args.seed,
                             args.epochs, args.batch_size, args.lr, args.deterministic)
+        multiple = models.size_multiple(config)
+        if any(size % multiple for size in config["image_size"]):
+            parser.exit(2, f"train.py: error: {len(config['widths'])} widths halve the image "
+                           f"{len(config['widths'])} times, so its sides must be multiples of "
+                           f"{multiple}; {ds.name} is "
+                           f"{'x'.join(map(str, config['image_size']))}: use fewer --widths\n")
         net = models.build_model(config)
     generator = torch.Generator(device=device).manual_seed(config["seed"])  # order and noise
     # NHWC lets oneDNN pick its fast convolution kernels: ~1.6x per step on CPU (measured).

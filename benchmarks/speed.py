@@ -73,6 +73,17 @@ def eval_throughput(net, clean, noise_std):
     return len(noisy) / (time.perf_counter() - start)
 
 
+def scoring_seconds(net, clean, noise_std):
+    """Seconds of one test-set evaluation as train.py runs it after every epoch: denoise, then
+    PSNR and SSIM."""
+    noisy = train.fixed_noisy_test_set(clean, noise_std)  # N x 1 x 28 x 28
+    net = net.to(memory_format=torch.channels_last)
+    train.evaluate(net, noisy[:1000], clean[:1000])  # warm-up
+    start = time.perf_counter()
+    train.evaluate(net, noisy, clean)
+    return time.perf_counter() - start
+
+
 def training_flops_per_image(net, shape):
     """FLOPs of one forward + backward pass per image, counted by torch's FlopCounterMode."""
     x = torch.rand(16, *shape)  # 16 x C x H x W
@@ -166,6 +177,8 @@ def measure(ds, root, steps, batch_size, pairs, profile, noise_std=0.5):
     net = fresh()
     print(f"evaluation: {eval_throughput(net, ds.test_x, noise_std):,.0f} img/s "
           f"(denoising {len(ds.test_x):,} test images, batches of {train.EVAL_BATCH_SIZE})")
+    print(f"evaluation after each epoch (denoise + PSNR + SSIM): "
+          f"{scoring_seconds(fresh(), ds.test_x, noise_std):.2f} s")
     flops = training_flops_per_image(fresh(), tuple(ds.train_x.shape[1:]))
     peak = matmul_flops_per_second()
     achieved = flops * statistics.median(project_speeds)
