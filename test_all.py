@@ -734,6 +734,51 @@ def test_resume_gives_bit_identical_weights(tmp_path, one_epoch):
     assert all(torch.equal(s, r) for s, r in moments)
 
 
+def test_onecycle_warms_up_to_the_peak_then_decays():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([weight], lr=3e-3)
+    assert train.make_scheduler(optimizer, "constant", 100) is None
+    with pytest.raises(ValueError):
+        train.make_scheduler(optimizer, "cosine", 100)
+    scheduler = train.make_scheduler(optimizer, "onecycle", 100)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(100):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(3e-3 / 25)
+    assert max(lrs) == pytest.approx(3e-3) and 20 <= lrs.index(max(lrs)) <= 30
+    assert lrs[99] == pytest.approx(3e-3 / 25 / 1e4)  # the lr of the last of the 100 steps
+
+
+def test_onecycle_run_resumes_exactly_and_cannot_be_stretched(tmp_path, monkeypatch, capsys):
+    flags = ("--epochs", "2", "--lr-schedule", "onecycle", "--lr", "3e-3")
+    straight = _sample_run(tmp_path, "straight", *flags)
+    assert straight["config"]["lr_schedule"] == "onecycle"
+    assert straight["scheduler"]["last_epoch"] == straight["scheduler"]["total_steps"] == 32
+    real_evaluate = train.evaluate
+
+    def interrupt_after_epoch_1(*args):  # Ctrl-C while epoch 1 is being scored
+        monkeypatch.setattr(train, "evaluate", real_evaluate)
+        signal.raise_signal(signal.SIGINT)
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(train, "evaluate", interrupt_after_epoch_1)
+    cut = str(tmp_path / "cut.pt")
+    assert train.main(["--dataset", "mnist-sample", "--batch-size", "256", "--checkpoint", cut,
+                       *flags]) == 130
+    assert torch.load(cut, weights_only=True)["scheduler"]["last_epoch"] == 16
+    resumed = _sample_run(tmp_path, "cut", "--resume", cut, "--epochs", "2")
+    assert _same_tensors(straight["model"], resumed["model"])
+    assert resumed["history"] == [{**h, "seconds": r["seconds"]}
+                                  for h, r in zip(straight["history"], resumed["history"])]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", cut, "--epochs", "3"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "cannot be stretched; it has finished them" in err
+
+
 def test_resume_writes_to_the_resumed_file_by_default(tmp_path, one_epoch, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copy(one_epoch, tmp_path / "first.pt")

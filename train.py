@@ -30,6 +30,7 @@ TEST_NOISE_SEED = 2024  # independent of --seed: every run and epoch is scored o
 DEFAULT_BATCH_SIZE = 128
 EVAL_BATCH_SIZE = 1000  # inference only: large batches are fastest and fit easily in memory
 FINITE_CHECK_EVERY = 50  # steps between checks that the loss is finite (each check syncs a GPU)
+LR_SCHEDULES = ("constant", "onecycle")
 
 
 class NonFiniteLoss(Exception):
@@ -168,7 +169,7 @@ class Interrupted(Exception):
 
 
 def train_epoch(model, optimizer, images, batch_size, noise_level, generator, progress=None,
-                position=None, should_stop=None, amp=False, noise="gaussian"):
+                position=None, should_stop=None, amp=False, noise="gaussian", scheduler=None):
     """One pass over `images` (clean, N x C x H x W): fresh noise per batch, MSE to the clean
     image, one Adam step per batch. Returns the mean training loss as a float; raises
     NonFiniteLoss if the loss is NaN or inf.
@@ -181,7 +182,8 @@ def train_epoch(model, optimizer, images, batch_size, noise_level, generator, pr
     back (with the generator in the state it was then) finishes the epoch exactly as an
     uninterrupted run would have. `amp` runs the forward pass under bfloat16 autocast (meant
     for CUDA; the loss and the weights stay float32). `noise` is one of data.NOISES and
-    `noise_level` its level (or a [lo, hi] range), as data.add_noise takes them.
+    `noise_level` its level (or a [lo, hi] range), as data.add_noise takes them. `scheduler`, if
+    given (make_scheduler), steps after every Adam step.
     """
     model.train()
     if position is None:
@@ -199,6 +201,8 @@ def train_epoch(model, optimizer, images, batch_size, noise_level, generator, pr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += loss.detach() * len(idx)
         if step % FINITE_CHECK_EVERY == 0 and not torch.isfinite(total):
             raise NonFiniteLoss(step)
@@ -211,6 +215,19 @@ def train_epoch(model, optimizer, images, batch_size, noise_level, generator, pr
     if not torch.isfinite(total):
         raise NonFiniteLoss(step)
     return total.item() / len(images)
+
+
+def make_scheduler(optimizer, schedule, total_steps):
+    """The learning-rate schedule of a run of `total_steps` Adam steps: None for "constant";
+    for "onecycle", torch's OneCycleLR with the optimizer's lr as its peak: a warm-up from lr/25
+    over the first 25% of the steps, then a cosine decay to lr/250,000 (Adam's beta1 moves the
+    other way). A short run gains from it: the last steps, at a small lr, settle the weights."""
+    if schedule == "constant":
+        return None
+    if schedule == "onecycle":
+        peak = optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total_steps)
+    raise ValueError(f"unknown lr schedule {schedule!r} (choose from {', '.join(LR_SCHEDULES)})")
 
 
 def save_checkpoint(checkpoint, path):
@@ -286,6 +303,7 @@ def load_checkpoint(path):
     config = checkpoint["config"]
     if "noise_std" in config and "noise_level" not in config:  # written before --noise existed
         config.update(noise="gaussian", noise_level=config.pop("noise_std"))
+    config.setdefault("lr_schedule", "constant")  # written before --lr-schedule existed
     missing = [key for key in CONFIG_KEYS if key not in config]
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
@@ -350,7 +368,11 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=positive_int, default=10,
                    help="passes over the training set (with --resume: the total to reach)")
     add_batch_size_flag(p)
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=positive_float, default=1e-3,
+                   help="Adam learning rate (with --lr-schedule onecycle: the peak)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="constant, or onecycle: warm up to --lr over the first 25%% of the run's "
+                        "steps, then decay to almost 0 by its last (try --lr 3e-3)")
     data.add_noise_flags(p)
     p.add_argument("--dataset", choices=data.DATASETS, default="mnist",
                    help="mnist falls back to mnist-sample (5,000 digits) when offline; "
@@ -408,7 +430,8 @@ def given_flags(parser, argv):
 # Flags a resume may not change (each flag's dest is also its config key): changing them would
 # make the run something other than a continuation. --epochs, --checkpoint, --data-dir and
 # --device (within one device type) may change.
-RESUME_FIXED = ("arch", "widths", "dataset", "noise", "noise_level", "batch_size", "lr", "seed")
+RESUME_FIXED = ("arch", "widths", "dataset", "noise", "noise_level", "batch_size", "lr",
+                "lr_schedule", "seed")
 
 
 def resume_conflicts(config, flags):
@@ -441,12 +464,15 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state_all(state["torch_cuda"])
 
 
-def make_checkpoint(net, optimizer, config, history, epoch, generator, position=None):
+def make_checkpoint(net, optimizer, scheduler, config, history, epoch, generator, position=None):
     """What train.py saves: the model and its config for visualize.py, plus everything an exact
-    resume needs (optimizer, completed epochs, random state, position inside an epoch)."""
+    resume needs (optimizer, lr schedule, completed epochs, random state, position inside an
+    epoch)."""
     return {"model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
             "config": config, "history": history, "epoch": epoch,
-            "optimizer": optimizer.state_dict(), "rng": rng_state(generator), "position": position}
+            "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "rng": rng_state(generator), "position": position}
 
 
 @contextlib.contextmanager
@@ -470,7 +496,7 @@ def stop_requests():
 
 
 def new_config(ds, data_dir, crop, arch, widths, noise, noise_level, seed, epochs, batch_size,
-               lr, deterministic):
+               lr, lr_schedule, deterministic):
     """The checkpoint config of a new run: model, data, noise and training settings, versions.
     The data set is the one actually loaded (mnist-sample after the offline fallback)."""
     return {
@@ -479,6 +505,7 @@ def new_config(ds, data_dir, crop, arch, widths, noise, noise_level, seed, epoch
         "image_size": list(ds.test_x.shape[2:]), "crop": crop,
         "noise": noise, "noise_level": noise_level, "test_noise_seed": TEST_NOISE_SEED,
         "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "lr_schedule": lr_schedule,
         "deterministic": deterministic,
         "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
     }
@@ -494,6 +521,8 @@ def open_resume(path, flags, epochs):
     checkpoint = load_checkpoint(path)
     missing = ([k for k in RESUME_KEYS if k not in checkpoint]
                + [f"config {k}" for k in RESUME_CONFIG_KEYS if k not in checkpoint["config"]])
+    if checkpoint["config"]["lr_schedule"] != "constant" and not checkpoint.get("scheduler"):
+        missing.append("scheduler state")
     if missing:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: it has no "
                               f"{', '.join(missing)} (not written by this train.py)")
@@ -504,6 +533,12 @@ def open_resume(path, flags, epochs):
     if epochs <= checkpoint["epoch"]:
         raise CheckpointError(f"--resume {path}: it has {checkpoint['epoch']} epochs already; "
                               f"ask for more with --epochs")
+    schedule, planned = checkpoint["config"]["lr_schedule"], checkpoint["config"].get("epochs")
+    if schedule != "constant" and epochs != planned:  # its lr curve spans exactly that many
+        todo = ("it has finished them" if checkpoint["epoch"] >= planned
+                else f"finish it with --epochs {planned}")
+        raise CheckpointError(f"--resume {path}: its {schedule} lr schedule was planned for "
+                              f"{planned} epochs and cannot be stretched; {todo}")
     return checkpoint
 
 
@@ -572,7 +607,8 @@ def run(parser, args, given, requested):
     else:
         config = new_config(ds, args.data_dir, crop if dataset == "folder" else None, args.arch,
                             args.widths, args.noise, args.noise_level, args.seed,
-                            args.epochs, args.batch_size, args.lr, args.deterministic)
+                            args.epochs, args.batch_size, args.lr, args.lr_schedule,
+                            args.deterministic)
         multiple = models.size_multiple(config)
         if any(size % multiple for size in config["image_size"]):
             parser.exit(2, f"train.py: error: {len(config['widths'])} widths halve the image "
@@ -584,9 +620,13 @@ def run(parser, args, given, requested):
     # NHWC lets oneDNN pick its fast convolution kernels: ~1.6x per step on CPU (measured).
     net = net.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"])
+    steps_per_epoch = math.ceil(data.images_per_epoch(train_x) / config["batch_size"])
+    scheduler = make_scheduler(optimizer, config["lr_schedule"], steps_per_epoch * args.epochs)
     history, done, position = [], 0, None
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"], generator)
         history, done, position = checkpoint["history"], checkpoint["epoch"], checkpoint["position"]
         where = f", step {position['step']}" if position else ""
@@ -595,7 +635,7 @@ def run(parser, args, given, requested):
     test_noisy = fixed_noisy_test_set(test_x, level, noise)  # N x C x H x W
     print(f"model: {config['arch']} {config['widths']}, {models.count_parameters(net):,} "
           f"parameters, device {device}, {data.images_per_epoch(train_x):,} "
-          f"training images per epoch")
+          f"training images per epoch, lr {config['lr']:g} {config['lr_schedule']}")
     base_psnr, base_ssim = psnr(test_noisy, test_x), ssim(test_noisy, test_x)
     print(f"noisy input ({data.describe_noise(noise, level)}): test PSNR {base_psnr:.2f} dB, "
           f"SSIM {base_ssim:.4f}")
@@ -614,14 +654,14 @@ def run(parser, args, given, requested):
                 # disable=None: a bar on a terminal, none in logs and CI
                 loss = train_epoch(net, optimizer, images, batch_size, level, generator,
                                    bar, position, lambda: requested["signal"] is not None,
-                                   args.amp, noise)
+                                   args.amp, noise, scheduler)
         except NonFiniteLoss as e:
             kept = f"{args.checkpoint} keeps epoch {epoch - 1}" if history else "nothing saved"
             print(f"train.py: error: the loss became NaN or infinite in epoch {epoch} by step "
                   f"{e.step} (lr {config['lr']}); stopped, {kept}", file=sys.stderr)
             return 1
         except Interrupted as e:
-            save_checkpoint(make_checkpoint(net, optimizer, config, history, epoch - 1,
+            save_checkpoint(make_checkpoint(net, optimizer, scheduler, config, history, epoch - 1,
                                             generator, e.position), args.checkpoint)
             return stopped(requested["signal"], args.checkpoint, args.epochs,
                            f"in epoch {epoch} after step {e.position['step']}")
@@ -634,8 +674,8 @@ def run(parser, args, given, requested):
         print(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
               f"SSIM {test_ssim:.4f}  {seconds:.1f} s  "
               f"{len(images) / train_seconds:,.0f} img/s", flush=True)
-        save_checkpoint(make_checkpoint(net, optimizer, config, history, epoch, generator),
-                        args.checkpoint)
+        save_checkpoint(make_checkpoint(net, optimizer, scheduler, config, history, epoch,
+                                        generator), args.checkpoint)
         if requested["signal"] is not None and epoch < args.epochs:  # came during evaluation
             return stopped(requested["signal"], args.checkpoint, args.epochs,
                            f"after epoch {epoch}")
