@@ -7,10 +7,10 @@ script needs the user to repeat architecture flags.
 import torch
 from torch import nn
 
-# Chosen by measurement: full MNIST, sigma 0.5, 10 epochs, batch 128 (README, Architectures).
-# basic: the narrowest widths that passed 20 dB (32/32: 19.97 dB). deep and unet: wider gains
-# little for the time (unet 16/32: 20.59 dB in 173 s, 24/48: 20.84 in 381 s, 32/64: 20.92 in
-# 478 s), so they default to the fast end.
+# Chosen by measurement: full MNIST, sigma 0.5, 10 epochs, batch 128 (README, Results).
+# basic: the narrowest widths that passed 20 dB (32/32: 19.96 dB). deep and unet: wider gains
+# little for the time (unet 16/32: 20.59 dB in 13-14 s per epoch, 32/64: 20.92 dB in 36-47 s),
+# so they default to the fast end.
 DEFAULT_WIDTHS = {"basic": (32, 64), "deep": (16, 32), "unet": (16, 32)}
 # The output starts at sigmoid(-2) = 0.12, about MNIST's mean pixel, instead of 0.5. With the
 # default bias 0, Adam's first steps drive every output towards the black background, the
