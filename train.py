@@ -18,8 +18,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
-from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
 import data
@@ -126,6 +124,10 @@ def ssim(pred, target, batch_size=EVAL_BATCH_SIZE):
     off for it: its kernel for the one-channel 11x11 Gaussian window is slow on a CPU (10,000
     MNIST images: 1.6 s with it, 0.7 s without, same values), and SSIM runs after every epoch.
     """
+    # imported here: torchmetrics imports torchvision's models, 1.6 s that --help and a
+    # mistyped flag should not wait for
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     # None: leave oneDNN's other settings alone (setting them warns on CPUs without TF32)
     with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None,
                                      fp32_precision=None):
@@ -499,6 +501,8 @@ def new_config(ds, data_dir, crop, arch, widths, noise, noise_level, seed, epoch
                lr, lr_schedule, deterministic):
     """The checkpoint config of a new run: model, data, noise and training settings, versions.
     The data set is the one actually loaded (mnist-sample after the offline fallback)."""
+    import torchvision  # only for its version here; see ssim for why not at the top
+
     return {
         **models.model_config(arch, ds.test_x.shape[1], widths),  # channels follow the data
         "dataset": ds.name, "data_dir": os.path.abspath(data_dir),
