@@ -762,30 +762,45 @@ def test_onecycle_warms_up_to_the_peak_then_decays():
 
 def test_onecycle_run_resumes_exactly_and_cannot_be_stretched(tmp_path, monkeypatch, capsys):
     flags = ("--epochs", "2", "--lr-schedule", "onecycle", "--lr", "3e-3")
-    straight = _sample_run(tmp_path, "straight", *flags)
+    straight = _sample_run(tmp_path, "straight", *flags)  # 16 steps per epoch
     assert straight["config"]["lr_schedule"] == "onecycle"
     assert straight["scheduler"]["last_epoch"] == straight["scheduler"]["total_steps"] == 32
-    real_evaluate = train.evaluate
+    real_add_noise, calls = data.add_noise, []
 
-    def interrupt_after_epoch_1(*args):  # Ctrl-C while epoch 1 is being scored
-        monkeypatch.setattr(train, "evaluate", real_evaluate)
-        signal.raise_signal(signal.SIGINT)
-        return real_evaluate(*args)
+    def interrupt_in_epoch_2(*args):  # call 1 noises the test set, then one call per batch
+        calls.append(1)
+        if len(calls) == 21:  # Ctrl-C during the 4th batch of epoch 2
+            signal.raise_signal(signal.SIGINT)
+        return real_add_noise(*args)
 
-    monkeypatch.setattr(train, "evaluate", interrupt_after_epoch_1)
+    monkeypatch.setattr(data, "add_noise", interrupt_in_epoch_2)
     cut = str(tmp_path / "cut.pt")
     assert train.main(["--dataset", "mnist-sample", "--batch-size", "256", "--checkpoint", cut,
                        *flags]) == 130
-    assert torch.load(cut, weights_only=True)["scheduler"]["last_epoch"] == 16
-    resumed = _sample_run(tmp_path, "cut", "--resume", cut, "--epochs", "2")
-    assert _same_tensors(straight["model"], resumed["model"])
-    assert resumed["history"] == [{**h, "seconds": r["seconds"]}
-                                  for h, r in zip(straight["history"], resumed["history"])]
+    monkeypatch.setattr(data, "add_noise", real_add_noise)
+    saved = torch.load(cut, weights_only=True)
+    assert (saved["epoch"], saved["position"]["step"], saved["scheduler"]["last_epoch"]) == (1, 4, 20)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", cut, "--epochs", "3"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "cannot be stretched; it has finished them" in err
+    assert e.value.code == 2 and ("spans 2 epochs and cannot be stretched; finish it with "
+                                  "--epochs 2") in capsys.readouterr().err
+    other = str(tmp_path / "other-data.pt")  # as if a folder had gained images since
+    torch.save({**saved, "scheduler": {**saved["scheduler"], "total_steps": 40}}, other)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", other, "--epochs", "2"])
+    assert e.value.code == 2 and ("its lr schedule has 40 steps, this data gives 32"
+                                  in capsys.readouterr().err)
+    resumed = _sample_run(tmp_path, "cut", "--resume", cut, "--epochs", "2")
+    assert _same_tensors(straight["model"], resumed["model"])
+    assert [h["test_psnr"] for h in resumed["history"]] == [
+        h["test_psnr"] for h in straight["history"]]
+    for epochs in ("2", "3"):  # finished: nothing to continue, whatever --epochs says
+        with pytest.raises(SystemExit) as e:
+            train.main(["--resume", cut, "--epochs", epochs])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "ended with epoch 2 and cannot be extended" in err
+        assert len(err.splitlines()) == 1
 
 
 def test_resume_writes_to_the_resumed_file_by_default(tmp_path, one_epoch, monkeypatch):
@@ -851,6 +866,10 @@ def test_resume_refuses_contradicting_flags(tmp_path, one_epoch, capsys):
     captured = capsys.readouterr()
     assert e.value.code == 2 and "size mismatch" in captured.err and "data:" not in captured.out
     assert len(captured.err.strip().splitlines()) == 1
+    _swap_config(tmp_path / "schedule.pt", source=first, lr_schedule="cosine")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(tmp_path / "schedule.pt"), "--epochs", "2"])
+    assert e.value.code == 2 and "unusable lr schedule ('cosine'" in capsys.readouterr().err
     # a checkpoint without optimizer state (e.g. hand-made) cannot be resumed exactly
     bare = tmp_path / "bare.pt"
     _good_checkpoint(bare)

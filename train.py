@@ -39,6 +39,14 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where the default is None: those flags say in
+    their help what they fall back to, and "(default: None)" would only confuse."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def positive_int(text):
     """argparse type: an integer > 0."""
     value = int(text)
@@ -306,6 +314,10 @@ def load_checkpoint(path):
     if "noise_std" in config and "noise_level" not in config:  # written before --noise existed
         config.update(noise="gaussian", noise_level=config.pop("noise_std"))
     config.setdefault("lr_schedule", "constant")  # written before --lr-schedule existed
+    if config["lr_schedule"] not in LR_SCHEDULES or (
+            config["lr_schedule"] != "constant" and not isinstance(config.get("epochs"), int)):
+        raise CheckpointError(f"checkpoint {path} has an unusable lr schedule "
+                              f"({config['lr_schedule']!r}, epochs {config.get('epochs')!r})")
     missing = [key for key in CONFIG_KEYS if key not in config]
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
@@ -365,7 +377,7 @@ def add_batch_size_flag(parser):
 def parse_args(argv=None):
     """Flags of train.py. Returns (parser, args, the dests of the flags given explicitly)."""
     p = argparse.ArgumentParser(description="Train a convolutional denoising autoencoder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 allow_abbrev=False)  # so that given_flags sees every flag
     p.add_argument("--epochs", type=positive_int, default=10,
                    help="passes over the training set (with --resume: the total to reach)")
@@ -534,15 +546,18 @@ def open_resume(path, flags, epochs):
     if conflicts:
         raise CheckpointError(f"--resume {path}: flags contradict the checkpoint: "
                               + "; ".join(conflicts))
+    schedule, planned = checkpoint["config"]["lr_schedule"], checkpoint["config"]["epochs"]
+    if schedule != "constant":  # its lr curve spans exactly the epochs it was started with
+        if checkpoint["epoch"] >= planned:
+            raise CheckpointError(f"--resume {path}: its {schedule} lr schedule ended with "
+                                  f"epoch {planned} and cannot be extended; start a new run")
+        if epochs != planned:
+            raise CheckpointError(f"--resume {path}: its {schedule} lr schedule spans {planned} "
+                                  f"epochs and cannot be stretched; finish it with "
+                                  f"--epochs {planned}")
     if epochs <= checkpoint["epoch"]:
         raise CheckpointError(f"--resume {path}: it has {checkpoint['epoch']} epochs already; "
                               f"ask for more with --epochs")
-    schedule, planned = checkpoint["config"]["lr_schedule"], checkpoint["config"].get("epochs")
-    if schedule != "constant" and epochs != planned:  # its lr curve spans exactly that many
-        todo = ("it has finished them" if checkpoint["epoch"] >= planned
-                else f"finish it with --epochs {planned}")
-        raise CheckpointError(f"--resume {path}: its {schedule} lr schedule was planned for "
-                              f"{planned} epochs and cannot be stretched; {todo}")
     return checkpoint
 
 
@@ -628,6 +643,11 @@ def run(parser, args, given, requested):
     scheduler = make_scheduler(optimizer, config["lr_schedule"], steps_per_epoch * args.epochs)
     history, done, position = [], 0, None
     if checkpoint:
+        if scheduler is not None and (checkpoint["scheduler"].get("total_steps")
+                                      != scheduler.total_steps):  # a folder with other images
+            parser.exit(2, f"train.py: error: --resume {args.resume}: its lr schedule has "
+                           f"{checkpoint['scheduler'].get('total_steps')} steps, this data gives "
+                           f"{scheduler.total_steps}; resume with the data it was trained on\n")
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(checkpoint["scheduler"])

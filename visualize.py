@@ -234,7 +234,7 @@ def levels_list(text):
 def parse_args(argv=None):
     """Flags of visualize.py."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=train.HelpFormatter)
     train.add_checkpoint_flag(p)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--sweep", action="store_true",

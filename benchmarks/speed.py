@@ -123,7 +123,7 @@ def profile_steps(net, images, steps, batch_size, noise_std, rows=12):
 def main(argv=None):
     """Run the pairs and print images/s, ratios, evaluation speed and hardware utilisation."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=train.HelpFormatter)
     data.add_data_dir_flag(p)
     p.add_argument("--pairs", type=train.positive_int, default=3, help="A, B pairs to run")
     p.add_argument("--steps", type=train.positive_int, default=150, help="training steps per run")
