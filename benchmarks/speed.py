@@ -52,15 +52,69 @@ def tutorial_run(net, root, steps, noise_std, seed):
     return seen / (time.perf_counter() - start)
 
 
-def project_run(net, images, steps, batch_size, noise_std, seed):
-    """Train `steps` batches with this project's loop; returns images per second."""
+def project_run(net, images, steps, batch_size, noise_std, seed, fused=False):
+    """Train `steps` batches with this project's loop; returns images per second. `fused` uses
+    Adam's fused kernel (a variant; train.py uses the default)."""
     net = net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=fused or None)
     generator = torch.Generator().manual_seed(seed)
     subset = images[: steps * batch_size]  # N x 1 x 28 x 28, already in memory
     start = time.perf_counter()
     train.train_epoch(net, optimizer, subset, batch_size, noise_std, generator)
     return len(subset) / (time.perf_counter() - start)
+
+
+VARIANTS = ("fused-adam", "batch-256", "batch-512", "compile")
+
+
+def variant_speeds(fresh, images, steps, noise_std, names, pairs=3):
+    """The project's loop at batch 128 (A) against one change at a time (B), each run on the
+    same steps x 128 images, alternating A, B `pairs` times. Yields (name, median B/A ratio,
+    B's median images/s, note); `fresh()` gives the model to train."""
+    for name in names:
+        ratios, speeds, compiling = [], [], []
+        for pair in range(pairs):
+            base = project_run(fresh(), images, steps, 128, noise_std, seed=pair)
+            if name.startswith("batch-"):
+                batch = int(name.split("-")[1])
+                speed = project_run(fresh(), images, max(1, steps * 128 // batch), batch,
+                                    noise_std, seed=pair)
+            elif name == "fused-adam":
+                speed = project_run(fresh(), images, steps, 128, noise_std, seed=pair, fused=True)
+            elif name == "compile":
+                torch._dynamo.reset()  # forget what earlier pairs compiled in this process
+                net = torch.compile(fresh())
+                with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+                    # an empty cache: what a first run pays (torch keeps compiled code on disk)
+                    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+                    try:
+                        start = time.perf_counter()
+                        project_run(net, images, 2, 128, noise_std, seed=pair)  # compiles
+                        compiling.append(time.perf_counter() - start)
+                        speed = project_run(net, images, steps, 128, noise_std, seed=pair)
+                    finally:
+                        if previous is None:
+                            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+                        else:
+                            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+            else:
+                raise ValueError(f"unknown variant {name!r} (choose from {', '.join(VARIANTS)})")
+            ratios.append(speed / base)
+            speeds.append(speed)
+        # the first pair's: later pairs reuse the machine code this process has compiled
+        note = f"; compiling (the first 2 steps) took {compiling[0]:.1f} s" if compiling else ""
+        yield name, statistics.median(ratios), statistics.median(speeds), note
+
+
+def variant_list(text):
+    """argparse type for --variants: 'fused-adam,compile' -> ['fused-adam', 'compile']."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)} "
+                                         f"(choose from {', '.join(VARIANTS)})")
+    return names
 
 
 def eval_throughput(net, clean, noise_std):
@@ -130,6 +184,9 @@ def main(argv=None):
     train.add_batch_size_flag(p)  # the project's loop; the tutorial's is fixed at 128
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's table for 30 steps of the project's loop")
+    p.add_argument("--variants", type=variant_list, default=[],
+                   help="also time the project's loop with one change at a time, comma-separated: "
+                        + ", ".join(VARIANTS))
     args = p.parse_args(argv)
 
     ds = data.load_dataset("mnist", args.data_dir)
@@ -147,11 +204,13 @@ def main(argv=None):
             for prefix, x, y in [("train", ds.train_x, ds.train_y),
                                  ("t10k", ds.test_x, ds.test_y)]:
                 data.write_idx(raw, prefix, (x[:, 0] * 255).round(), y)  # N x 28 x 28 uint8
-        return measure(ds, root, steps, args.batch_size, args.pairs, args.profile)
+        return measure(ds, root, steps, args.batch_size, args.pairs, args.profile,
+                       args.variants)
 
 
-def measure(ds, root, steps, batch_size, pairs, profile, noise_std=0.5):
-    """The measurements main prints: pairs of runs, evaluation speed, FLOPs, a profile."""
+def measure(ds, root, steps, batch_size, pairs, profile, variants=(), noise_std=0.5):
+    """The measurements main prints: pairs of runs, evaluation speed, FLOPs, the variants of
+    the project's loop asked for (VARIANTS), a profile."""
     config = models.model_config()
     torch.manual_seed(0)
     initial = models.build_model(config).state_dict()
@@ -185,6 +244,12 @@ def measure(ds, root, steps, batch_size, pairs, profile, noise_std=0.5):
     print(f"training cost: {flops / 1e6:.2f} MFLOP per image (forward + backward); "
           f"achieved {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of this CPU's "
           f"measured matmul throughput ({peak / 1e9:.0f} GFLOP/s)")
+    if variants:
+        images = ds.train_x[: steps * 128]  # N x 1 x 28 x 28, the same for every variant
+        for name, ratio, speed, note in variant_speeds(fresh, images, steps, noise_std, variants,
+                                                       pairs):
+            print(f"variant {name}: {speed:,.0f} img/s, {ratio:.2f}x the project's loop "
+                  f"(median of {pairs} pairs){note}", flush=True)
     if profile:
         print(profile_steps(fresh(), ds.train_x, 30, batch_size, noise_std))
     return 0
