@@ -672,6 +672,9 @@ def test_widths_flag_builds_the_model_the_checkpoint_records(tmp_path, capsys):
     assert sum(p.numel() for p in ckpt["model"].values() if p.is_floating_point()) < 3000
     png = str(tmp_path / "narrow.png")
     assert visualize.main(["--checkpoint", str(tmp_path / "narrow.pt"), "--out", png]) == 0
+    assert "(unet 8 autoencoder," in capsys.readouterr().out
+    assert visualize.model_name(ckpt["config"]) == "unet 8, sigma 0.5"
+    assert visualize.model_name({**ckpt["config"], "widths": [16, 32]}) == "unet, sigma 0.5"
     for widths, message in [("8,16,32", "multiples of 8; mnist-sample is 28x28"),
                             ("8,x", "positive integers separated by commas"), ("0", "positive")]:
         with pytest.raises(SystemExit) as e:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import model as models
 import train
 
 # Sweep levels per noise type, mildest first (Poisson: fewer photons is noisier).
@@ -288,7 +289,7 @@ def main(argv=None):
     except train.CheckpointError as e:
         parser.exit(2, f"visualize.py: error: {e}\n")
     config = checkpoint["config"]
-    name = f"{config['arch']} autoencoder"
+    name = f"{arch_name(config)} autoencoder"
     if args.curves:
         history = checkpoint.get("history") or []
         if not history:
@@ -329,9 +330,17 @@ def main(argv=None):
     return 0
 
 
+def arch_name(config):
+    """The architecture, with its widths when they are not the default: 'unet', 'unet 32/64'."""
+    widths = [int(w) for w in config["widths"]]
+    if widths == list(models.DEFAULT_WIDTHS.get(config["arch"], ())):
+        return config["arch"]
+    return f"{config['arch']} {'/'.join(map(str, widths))}"
+
+
 def model_name(config):
     """How a sweep names a model: its architecture and training noise, e.g. 'unet, sigma 0.5'."""
-    return f"{config['arch']}, {data.describe_noise(config['noise'], config['noise_level'])}"
+    return f"{arch_name(config)}, {data.describe_noise(config['noise'], config['noise_level'])}"
 
 
 def load_others(paths, config):
