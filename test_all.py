@@ -782,7 +782,8 @@ def test_onecycle_run_resumes_exactly_and_cannot_be_stretched(tmp_path, monkeypa
                        *flags]) == 130
     monkeypatch.setattr(data, "add_noise", real_add_noise)
     saved = torch.load(cut, weights_only=True)
-    assert (saved["epoch"], saved["position"]["step"], saved["scheduler"]["last_epoch"]) == (1, 4, 20)
+    where = (saved["epoch"], saved["position"]["step"], saved["scheduler"]["last_epoch"])
+    assert where == (1, 4, 20)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", cut, "--epochs", "3"])

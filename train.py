@@ -420,10 +420,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.crop is not None and args.dataset != "folder":
         p.error("--crop is for --dataset folder (the other data sets are used whole)")
-    multiple = models.size_multiple(models.model_config(args.arch, widths=args.widths))
+    model = models.model_config(args.arch, widths=args.widths)
+    multiple = models.size_multiple(model)
     if args.dataset == "folder" and (args.crop or data.DEFAULT_CROP) % multiple:
         p.error(f"--crop must be a multiple of {multiple} for --arch {args.arch} with "
-                f"{len(models.model_config(args.arch, widths=args.widths)['widths'])} levels")
+                f"{len(model['widths'])} levels")
     try:
         args.noise, args.noise_level = data.resolve_noise(args.noise, args.noise_level,
                                                           args.noise_std)

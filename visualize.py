@@ -333,7 +333,7 @@ def main(argv=None):
 def arch_name(config):
     """The architecture, with its widths when they are not the default: 'unet', 'unet 32/64'."""
     widths = [int(w) for w in config["widths"]]
-    if widths == list(models.DEFAULT_WIDTHS.get(config["arch"], ())):
+    if widths == list(models.DEFAULT_WIDTHS[config["arch"]]):
         return config["arch"]
     return f"{config['arch']} {'/'.join(map(str, widths))}"
 
@@ -403,7 +403,7 @@ def denoise_file(parser, args, net, config):
         save_image(denoised, out)
     except (OSError, ValueError, KeyError) as e:  # KeyError: PIL knows no such suffix
         parser.exit(2, f"visualize.py: error: cannot write {out}: {data.one_line(e)}\n")
-    title = (f"{args.image} ({image.shape[-1]}x{image.shape[-2]}), {config['arch']} trained on "
+    title = (f"{args.image} ({image.shape[-1]}x{image.shape[-2]}), {arch_name(config)} trained on "
              f"{config['dataset']} at noise "
              f"{data.describe_noise(config['noise'], config['noise_level'])}")
     _save(parser, draw_side_by_side(image, denoised, title), compare, args.show)

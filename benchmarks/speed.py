@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -84,20 +85,13 @@ def variant_speeds(fresh, images, steps, noise_std, names, pairs=3):
             elif name == "compile":
                 torch._dynamo.reset()  # forget what earlier pairs compiled in this process
                 net = torch.compile(fresh())
-                with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
-                    # an empty cache: what a first run pays (torch keeps compiled code on disk)
-                    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-                    try:
-                        start = time.perf_counter()
-                        project_run(net, images, 2, 128, noise_std, seed=pair)  # compiles
-                        compiling.append(time.perf_counter() - start)
-                        speed = project_run(net, images, steps, 128, noise_std, seed=pair)
-                    finally:
-                        if previous is None:
-                            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-                        else:
-                            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+                # an empty cache: what a first run pays (torch keeps compiled code on disk)
+                with tempfile.TemporaryDirectory(prefix="inductor-") as cache, \
+                        mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": cache}):
+                    start = time.perf_counter()
+                    project_run(net, images, 2, 128, noise_std, seed=pair)  # compiles
+                    compiling.append(time.perf_counter() - start)
+                    speed = project_run(net, images, steps, 128, noise_std, seed=pair)
             else:
                 raise ValueError(f"unknown variant {name!r} (choose from {', '.join(VARIANTS)})")
             ratios.append(speed / base)
