@@ -1,58 +1,23 @@
-"""Models: convolutional denoising autoencoders, rebuilt from a plain config dict.
+"""Convolutional denoising autoencoders, and how to get one back from a checkpoint.
 
-A checkpoint stores `config`; `build_model(ckpt["config"])` gives back the same network, so no
-script needs the user to repeat architecture flags.
+    net = model.load_model("checkpoints/autoencoder.pt")   # weights-only load, build, strict load
+    clean = net(noisy)                                     # N x C x H x W in [0, 1]
+
+A checkpoint stores `config` ({"arch", "channels", "widths", ...}); build_model(config) gives back
+the same network, so no script needs the user to repeat architecture flags.
 """
+
+import os
+import re
 
 import torch
 from torch import nn
 
-# Chosen by measurement: full MNIST, sigma 0.5, 10 epochs, batch 128 (README, Results).
-# basic: the narrowest widths that passed 20 dB (32/32: 19.96 dB). deep and unet: wider gains
-# little for the time (unet 16/32: 20.59 dB in 13-14 s per epoch, 32/64: 20.92 dB in 36-47 s),
-# so they default to the fast end.
-DEFAULT_WIDTHS = {"basic": (32, 64), "deep": (16, 32), "unet": (16, 32)}
-# The output starts at sigmoid(-2) = 0.12, about MNIST's mean pixel, instead of 0.5. With the
-# default bias 0, Adam's first steps drive every output towards the black background, the
-# decoder's ReLUs die and the sigmoid saturates: the network collapses to an all-black image.
-# Measured on this architecture without BatchNorm, 1 epoch on 20,000 MNIST digits, seeds 0-4:
-# 4 of 5 seeds collapsed (about 9.7 dB) with bias 0, none with this start.
+# The output starts at sigmoid(-2) = 0.12, about MNIST's mean pixel, instead of 0.5. With bias 0,
+# Adam's first steps drive every output towards the black background, the decoder's ReLUs die
+# and the sigmoid saturates: the network collapses to an all-black image (README: "collapse").
 OUTPUT_BIAS_INIT = -2.0
-ARCHS = tuple(DEFAULT_WIDTHS)
-
-
-class BasicAutoencoder(nn.Module):
-    """Stride-2 3x3 convolutions down, stride-2 transposed convolutions up, sigmoid out.
-
-    Each hidden convolution is followed by BatchNorm and ReLU. Fully convolutional: any channel
-    count, and any H, W divisible by 2 ** len(widths) (two levels: 28 -> 14 -> 7 -> 14 -> 28).
-    The last upsampling is written in its sub-pixel form (a 3x3 convolution to 4 x C channels,
-    then PixelShuffle(2)): a stride-2 transposed convolution is a special case of it, and on a
-    CPU it is 2.4x faster than nn.ConvTranspose2d with one output channel (measured).
-    """
-
-    def __init__(self, channels=1, widths=DEFAULT_WIDTHS["basic"]):
-        super().__init__()
-        layers, c = [], channels
-        for w in widths:  # each level halves H and W
-            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.BatchNorm2d(w),
-                       nn.ReLU(inplace=True)]
-            c = w
-        for w in reversed(widths[:-1]):  # mirror image: each level doubles H and W
-            # output_padding=1 makes the output exactly twice the input (k=3, s=2, p=1)
-            layers += [nn.ConvTranspose2d(c, w, 3, stride=2, padding=1, output_padding=1),
-                       nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
-            c = w
-        last = nn.Conv2d(c, 4 * channels, 3, padding=1)  # N x 4C x H/2 x W/2
-        nn.init.constant_(last.bias, OUTPUT_BIAS_INIT)
-        layers += [last, nn.PixelShuffle(2), nn.Sigmoid()]  # N x C x H x W, pixels in [0, 1]
-        self.net = nn.Sequential(*layers)
-        self.factor = 2 ** len(widths)
-
-    def forward(self, x):  # N x C x H x W -> N x C x H x W in [0, 1]
-        """Denoise a batch; H and W must be multiples of 2 ** len(widths)."""
-        _check_size(x, self.factor)
-        return self.net(x)
+MAX_CHANNELS, MAX_WIDTH, MAX_LEVELS = 4, 4096, 8  # what a checkpoint may ask for
 
 
 def conv_bn_relu(c_in, c_out, stride=1):
@@ -62,11 +27,51 @@ def conv_bn_relu(c_in, c_out, stride=1):
 
 
 def subpixel_head(c_in, channels):
-    """The output layer at twice the input's resolution: 3x3 conv to 4 x channels logits,
-    PixelShuffle(2), sigmoid. Its bias starts at OUTPUT_BIAS_INIT (see there)."""
+    """The output layer at twice the input's resolution: a 3x3 conv to 4 x channels logits,
+    PixelShuffle(2), sigmoid. A stride-2 transposed convolution is a special case of this form,
+    which runs faster on a CPU. Its bias starts at OUTPUT_BIAS_INIT."""
     conv = nn.Conv2d(c_in, 4 * channels, 3, padding=1)
     nn.init.constant_(conv.bias, OUTPUT_BIAS_INIT)
     return nn.Sequential(conv, nn.PixelShuffle(2), nn.Sigmoid())
+
+
+def check_size(x, widths):
+    """Raise ValueError unless x's height and width are multiples of 2 ** len(widths)."""
+    factor = size_multiple(widths)
+    if x.shape[-2] % factor or x.shape[-1] % factor:
+        raise ValueError(f"height and width must be multiples of {factor}, "
+                         f"got {tuple(x.shape[-2:])}")
+
+
+class BasicAutoencoder(nn.Module):
+    """Stride-2 3x3 convolutions down, stride-2 transposed convolutions up, sigmoid out.
+
+    Each hidden convolution is followed by BatchNorm and ReLU. Fully convolutional: any channel
+    count, and any H, W divisible by 2 ** len(widths) (two levels: 28 -> 14 -> 7 -> 14 -> 28).
+    """
+
+    default_widths = (32, 64)
+
+    def __init__(self, channels=1, widths=default_widths):
+        super().__init__()
+        self.widths, layers, c = tuple(widths), [], channels
+        for w in widths:  # each level halves H and W
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.BatchNorm2d(w),
+                       nn.ReLU(inplace=True)]
+            c = w
+        for w in reversed(widths[:-1]):  # mirror image: each level doubles H and W
+            # output_padding=1 makes the output exactly twice the input (k=3, s=2, p=1)
+            layers += [nn.ConvTranspose2d(c, w, 3, stride=2, padding=1, output_padding=1),
+                       nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c = w
+        last = nn.Conv2d(c, 4 * channels, 3, padding=1)  # the sub-pixel head, as subpixel_head
+        nn.init.constant_(last.bias, OUTPUT_BIAS_INIT)
+        self.net = nn.Sequential(*layers, last, nn.PixelShuffle(2), nn.Sigmoid())
+
+    def forward(self, x):  # N x C x H x W -> N x C x H x W in [0, 1]
+        """Denoise a batch; H and W must be multiples of 2 ** len(widths)."""
+        check_size(x, self.widths)
+        return self.net(x)
 
 
 class Residual(nn.Module):
@@ -82,22 +87,15 @@ class Residual(nn.Module):
         return x + self.f(x)
 
 
-def _check_size(x, factor):
-    if x.shape[-2] % factor or x.shape[-1] % factor:
-        raise ValueError(f"height and width must be multiples of {factor}, "
-                         f"got {tuple(x.shape[-2:])}")
-
-
 class DeepAutoencoder(nn.Module):
-    """The basic autoencoder with BLOCKS residual conv-BN-ReLU blocks at every scale, on both
-    the way down and the way up (no skip connections between them).
+    """The basic autoencoder with `blocks` residual conv-BN-ReLU blocks at every scale, on both
+    the way down and the way up (no skip connections between them)."""
 
-    28 -> 14 -> 7 -> 14 -> 28 for two widths; any H, W divisible by 2 ** len(widths).
-    """
+    default_widths = (16, 32)
 
-    def __init__(self, channels=1, widths=(32, 64), blocks=2):
+    def __init__(self, channels=1, widths=default_widths, blocks=2):
         super().__init__()
-        layers, c = [], channels
+        self.widths, layers, c = tuple(widths), [], channels
         for w in widths:
             layers += conv_bn_relu(c, w, stride=2)
             layers += [Residual(*conv_bn_relu(w, w)) for _ in range(blocks)]
@@ -109,11 +107,10 @@ class DeepAutoencoder(nn.Module):
             c = w
         layers += [Residual(*conv_bn_relu(c, c)) for _ in range(blocks)]
         self.net = nn.Sequential(*layers, subpixel_head(c, channels))
-        self.factor = 2 ** len(widths)
 
     def forward(self, x):  # N x C x H x W -> N x C x H x W in [0, 1]
         """Denoise a batch; H and W must be multiples of 2 ** len(widths)."""
-        _check_size(x, self.factor)
+        check_size(x, self.widths)
         return self.net(x)
 
 
@@ -123,13 +120,14 @@ class UNet(nn.Module):
 
     The first level works on 2x2 pixel blocks (PixelUnshuffle: lossless, 4 x C channels at half
     the size) and the output is drawn back by the sub-pixel head: no convolution runs at full
-    resolution, which keeps a CPU epoch short. Any H, W divisible by 2 ** len(widths).
+    resolution, which keeps a CPU epoch short.
     """
 
-    def __init__(self, channels=1, widths=(32, 64)):
+    default_widths = (16, 32)
+
+    def __init__(self, channels=1, widths=default_widths):
         super().__init__()
-        self.down = nn.ModuleList()
-        c = 4 * channels  # after PixelUnshuffle(2)
+        self.widths, self.down, c = tuple(widths), nn.ModuleList(), 4 * channels
         for i, w in enumerate(widths):
             stride = 1 if i == 0 else 2  # level 0 is already at half size
             self.down.append(nn.Sequential(*conv_bn_relu(c, w, stride), *conv_bn_relu(w, w)))
@@ -144,11 +142,10 @@ class UNet(nn.Module):
             c = w
         self.unshuffle = nn.PixelUnshuffle(2)
         self.head = subpixel_head(c, channels)
-        self.factor = 2 ** len(widths)
 
     def forward(self, x):  # N x C x H x W -> N x C x H x W in [0, 1]
         """Denoise a batch; H and W must be multiples of 2 ** len(widths)."""
-        _check_size(x, self.factor)
+        check_size(x, self.widths)
         h = self.unshuffle(x)  # N x 4C x H/2 x W/2
         skips = []
         for level in self.down:
@@ -159,31 +156,103 @@ class UNet(nn.Module):
         return self.head(h)  # N x C x H x W
 
 
-def _check_arch(arch):
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
+ARCHS = {"basic": BasicAutoencoder, "deep": DeepAutoencoder, "unet": UNet}
 
 
 def model_config(arch="basic", channels=1, widths=None):
-    """The part of a checkpoint's config that describes the network, as plain Python values."""
-    _check_arch(arch)
-    return {"arch": arch, "channels": int(channels),
-            "widths": [int(w) for w in (widths or DEFAULT_WIDTHS[arch])]}
+    """The part of a checkpoint's config that describes the network, as plain Python values.
+    Raises ValueError (one line) for an unknown arch or out-of-range channels or widths."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
+    widths = ARCHS[arch].default_widths if widths is None else widths
+    if not (_is_int(channels) and 1 <= channels <= MAX_CHANNELS):
+        raise ValueError(f"channels must be an integer from 1 to {MAX_CHANNELS}, got {channels!r}")
+    if not (isinstance(widths, (list, tuple)) and 1 <= len(widths) <= MAX_LEVELS
+            and all(_is_int(w) and 1 <= w <= MAX_WIDTH for w in widths)):
+        raise ValueError(f"widths must be 1 to {MAX_LEVELS} integers from 1 to {MAX_WIDTH}, "
+                         f"got {widths!r}")
+    return {"arch": arch, "channels": channels, "widths": list(widths)}
 
 
-def size_multiple(config):
-    """What the height and width of an input must be a multiple of for this config's model."""
-    return 2 ** len(config["widths"])
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def size_multiple(widths):
+    """What the height and width of an input must be a multiple of: each level halves them."""
+    return 2 ** len(widths)
 
 
 def build_model(config):
-    """Rebuild a model from a checkpoint's whole config dict (reads arch, channels, widths)."""
-    _check_arch(config["arch"])
-    cls = {"basic": BasicAutoencoder, "deep": DeepAutoencoder, "unet": UNet}[config["arch"]]
-    return cls(config["channels"], tuple(config["widths"]))
+    """Build the network a checkpoint's config describes (reads arch, channels, widths)."""
+    spec = model_config(config["arch"], config["channels"], config["widths"])
+    return ARCHS[spec["arch"]](spec["channels"], tuple(spec["widths"]))
 
 
-def count_parameters(model):
+def count_parameters(net):
     """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
+
+# ---------------------------------------------------------------- loading a checkpoint
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used. The message is one line naming the file."""
+
+
+def read_checkpoint(path):
+    """Load a checkpoint on the CPU with torch.load(weights_only=True): the unpickler builds
+    only tensors and plain containers, so a file that would call a function (os.system, ...)
+    is refused instead of run. Returns the dict; raises CheckpointError with one line."""
+    hint = "run python train.py first"
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; {hint}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} is not a regular file; {hint}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, random bytes, or a pickle that wants to run code
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {_load_failure(e)}") from e
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
+            and isinstance(checkpoint.get("config"), dict)):
+        raise CheckpointError(f"{path} is not a checkpoint of this project "
+                              f"(expected a dict with 'model' and 'config'); {hint}")
+    return checkpoint
+
+
+def _load_failure(error):
+    """A short reason for a failed weights-only torch.load (torch's own messages run to pages)."""
+    text = " ".join(str(error).split())
+    found = re.search(r"unsupported GLOBAL (\S+)", text)
+    if found:  # the pickle names a function or class to call: refused, never run
+        return f"it asks to call {found.group(1)} when loaded; refused, only tensors are loaded"
+    if isinstance(error, EOFError) or "PytorchStreamReader" in text or "zip" in text.lower():
+        return "empty, truncated or not a torch file"
+    return "not a torch checkpoint of tensors and plain values"
+
+
+def restore_model(checkpoint, path):
+    """Build the checkpoint's model from its config and load its weights strictly; raises
+    CheckpointError with one line (a bad config, or weights that do not fit it)."""
+    config = checkpoint["config"]
+    try:
+        net = build_model(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unusable model config ({e})") from e
+    try:
+        net.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = re.split(r"\.\s+(?=size mismatch|Missing key|Unexpected key)",
+                         re.sub(r"^Error\(s\) in loading state_dict for \w+: ", "",
+                                " ".join(str(e).split())))
+        more = f" (and {len(first) - 1} more)" if len(first) > 1 else ""
+        raise CheckpointError(f"checkpoint {path}: weights do not fit its config "
+                              f"({config['arch']}, {config['channels']} channels, widths "
+                              f"{config['widths']}): {first[0].rstrip('.')}{more}") from e
+    return net
+
+
+def load_model(path):
+    """The denoiser saved in checkpoint `path`, ready to use (eval mode, on the CPU)."""
+    return restore_model(read_checkpoint(path), path).eval()

@@ -1,7 +1,10 @@
 """Train a convolutional denoising autoencoder: noisy image in, clean image out.
 
     python train.py --epochs 10            # MNIST, Gaussian noise of std 0.5
-    python visualize.py                    # draw noisy / clean / denoised for that model
+    python visualize.py                    # noisy / clean / denoised test images
+
+Read from the top: the noise, one training step, one epoch and the evaluation are the method;
+checkpoints, resume and stop signals follow; the command line comes last.
 """
 
 import argparse
@@ -9,26 +12,116 @@ import contextlib
 import math
 import os
 import random
-import re
 import signal
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import data
-import model as models
+import model
 
 DEFAULT_CHECKPOINT = "checkpoints/autoencoder.pt"
 TEST_NOISE_SEED = 2024  # independent of --seed: every run and epoch is scored on the same noise
-DEFAULT_BATCH_SIZE = 128
 EVAL_BATCH_SIZE = 1000  # inference only: large batches are fastest and fit easily in memory
 FINITE_CHECK_EVERY = 50  # steps between checks that the loss is finite (each check syncs a GPU)
+SSIM_WINDOW = 11  # Wang et al. 2004: an 11 x 11 Gaussian window of sigma 1.5
 LR_SCHEDULES = ("constant", "onecycle")
+
+# ---------------------------------------------------------------- noise
+
+# What --noise-level means for each type, its default and its largest value. Poisson is the
+# only type where a larger level means less noise: it is the photon count of a white pixel.
+NOISES = {
+    "gaussian": ("standard deviation on the [0, 1] scale", 0.5, 100.0),
+    "salt-pepper": ("fraction of pixel values replaced, half by 0 and half by 1", 0.2, 1.0),
+    "poisson": ("photons a white pixel collects (larger is cleaner)", 10.0, 1e9),
+    "speckle": ("standard deviation of the multiplicative noise", 0.5, 100.0),
+}
+MIN_PHOTONS = 1e-3  # fewer, and Poisson(x * level) / level divides by almost nothing
+
+
+class Noise(NamedTuple):
+    """A noise type (a key of NOISES) and its level: a float, or [lo, hi] to draw one level per
+    image uniformly (blind training: one model for a range of levels)."""
+
+    kind: str
+    level: object
+
+    def __str__(self):  # 'sigma 0.5', 'salt-pepper 0.2', 'sigma 0.1:0.5'
+        level = self.level if isinstance(self.level, (list, tuple)) else [self.level]
+        return ("sigma " if self.kind == "gaussian" else f"{self.kind} ") + ":".join(
+            f"{v:g}" for v in level)
+
+
+def add_noise(images, noise, generator):
+    """Noisy copies of `images` (N x C x H x W in [0, 1]), clipped to [0, 1].
+
+    "gaussian" adds N(0, level^2); "speckle" adds images * N(0, level^2); "salt-pepper" sets a
+    fraction `level` of the values to 0 or 1; "poisson" counts Poisson(images * level) photons
+    and divides by `level`. `generator` draws the levels and the noise, so the same seed gives
+    the same noisy images.
+    """
+    kind, level = noise
+    if isinstance(level, (list, tuple)):  # one level per image, N x 1 x 1 x 1
+        lo, hi = level
+        level = torch.rand((len(images),) + (1,) * (images.dim() - 1), generator=generator,
+                           device=images.device, dtype=images.dtype).mul_(hi - lo).add_(lo)
+    draw = {"generator": generator, "device": images.device, "dtype": images.dtype}
+    if kind == "gaussian":
+        noise = torch.randn(images.shape, **draw)  # N x C x H x W
+        return noise.mul_(level).add_(images).clamp_(0, 1)  # in place: one allocation per batch
+    if kind == "speckle":
+        noise = torch.randn(images.shape, **draw)  # N x C x H x W
+        return noise.mul_(level).add_(1).mul_(images).clamp_(0, 1)
+    if kind == "salt-pepper":
+        u = torch.rand(images.shape, **draw)  # N x C x H x W, uniform in [0, 1)
+        salt_or_pepper = (u >= level / 2).to(images.dtype)  # 0 below level / 2, else 1
+        return torch.where(u < level, salt_or_pepper, images)  # N x C x H x W
+    if kind == "poisson":
+        photons = torch.poisson(images * level, generator=generator)  # N x C x H x W
+        return photons.div_(level).clamp_(0, 1)
+    raise ValueError(f"unknown noise {kind!r} (choose from {', '.join(NOISES)})")
+
+
+def check_noise(noise):
+    """Raise ValueError (one line) unless `noise` is a known type with a level it can have."""
+    kind, level = noise
+    if kind not in NOISES:
+        raise ValueError(f"unknown noise {kind!r} (choose from {', '.join(NOISES)})")
+    levels = list(level) if isinstance(level, (list, tuple)) else [level]
+    if not (len(levels) in (1, 2) and all(isinstance(v, (int, float)) and not isinstance(
+            v, bool) and math.isfinite(v) for v in levels) and levels[0] <= levels[-1]):
+        raise ValueError(f"noise level must be a number, or LO:HI with LO <= HI, got {level!r}")
+    meaning, _, largest = NOISES[kind]
+    smallest = MIN_PHOTONS if kind == "poisson" else 0
+    if levels[0] < smallest or levels[-1] > largest:
+        raise ValueError(f"a {kind} level is the {meaning}: from {smallest:g} to {largest:g}, "
+                         f"got {Noise(kind, level)}")
+
+
+# ---------------------------------------------------------------- one step, one epoch
+
+
+def train_step(net, optimizer, clean, noise, generator, amp=False):
+    """One step of supervised denoising on a clean batch (B x C x H x W): add noise, denoise,
+    MSE to the clean batch, backward, optimizer step. Returns the loss (0-dim, not synced).
+
+    The model sees only the noisy batch (feeding it the clean one, a common tutorial bug, trains
+    an identity map). `amp`: bfloat16 autocast for the forward pass; loss and weights float32.
+    """
+    noisy = add_noise(clean, noise, generator)  # B x C x H x W
+    with torch.autocast(clean.device.type, dtype=torch.bfloat16, enabled=amp):
+        restored = net(noisy)  # B x C x H x W
+    loss = F.mse_loss(restored.float(), clean)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 class NonFiniteLoss(Exception):
@@ -39,137 +132,6 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, except where the default is None: those flags say in
-    their help what they fall back to, and "(default: None)" would only confuse."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def positive_int(text):
-    """argparse type: an integer > 0."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text):
-    """argparse type: a finite float > 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def seed_int(text):
-    """argparse type: a seed NumPy accepts too, 0 <= seed < 2**32."""
-    value = int(text)
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
-    return value
-
-
-def widths_list(text):
-    """argparse type for --widths: '32,64' -> [32, 64], one positive channel count per level."""
-    try:
-        widths = [int(w) for w in text.split(",")]
-    except ValueError:
-        widths = []
-    if not widths or min(widths) <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas "
-                                         f"(e.g. 32,64), got {text!r}")
-    return widths
-
-
-def open_device(name):
-    """pick_device, then touch the device, so that an unknown or absent one fails now with one
-    line (RuntimeError) instead of mid-run."""
-    try:
-        device = pick_device(name)
-        torch.empty(0, device=device)
-    except Exception as e:  # torch says it in many ways: RuntimeError, AssertionError, ...
-        raise RuntimeError(f"device {name!r} cannot be used: {_first_line(e)}") from e
-    return device
-
-
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
-def pick_device(name="auto"):
-    """'auto' -> cuda if available, then mps, then cpu; any other name is used as given."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def psnr(pred, target):
-    """Peak signal-to-noise ratio in dB, data range 1, computed per image and averaged.
-
-    Per image, because a mean over pixels of the whole set would let the easy images hide the
-    hard ones. MSE is floored at 1e-10 (100 dB) so that a perfect image stays finite.
-    """
-    return psnr_per_image(pred, target).mean().item()
-
-
-def psnr_per_image(pred, target):
-    """PSNR in dB of each image (data range 1): N x C x H x W, N x C x H x W -> N."""
-    mse = (pred - target).square().flatten(1).mean(1)  # N
-    return -10 * torch.log10(mse.clamp_min(1e-10))  # N
-
-
-def ssim(pred, target, batch_size=EVAL_BATCH_SIZE):
-    """Mean structural similarity (torchmetrics, Gaussian window 11, sigma 1.5, data range 1).
-
-    Computed per image in chunks, so memory stays flat for large test sets. oneDNN is switched
-    off for it: its kernel for the one-channel 11x11 Gaussian window is slow on a CPU (10,000
-    MNIST images: 1.6 s with it, 0.7 s without, same values), and SSIM runs after every epoch.
-    """
-    # imported here: torchmetrics imports torchvision's models, 1.6 s that --help and a
-    # mistyped flag should not wait for
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    # None: leave oneDNN's other settings alone (setting them warns on CPUs without TF32)
-    with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None,
-                                     fp32_precision=None):
-        per_image = [
-            structural_similarity_index_measure(p.float(), t.float(), data_range=1.0,
-                                                reduction="none")
-            for p, t in zip(pred.split(batch_size), target.split(batch_size))
-        ]  # chunks of N_chunk
-    return torch.cat(per_image).mean().item()
-
-
-def fixed_noisy_test_set(clean, level, kind="gaussian"):
-    """The test images with noise drawn once from TEST_NOISE_SEED (not --seed), so that PSNR
-    and SSIM compare across runs, seeds and epochs."""
-    generator = torch.Generator(device=clean.device).manual_seed(TEST_NOISE_SEED)
-    return data.add_noise(clean, level, generator, kind)  # N x C x H x W
-
-
-@torch.inference_mode()
-def denoise(model, noisy, batch_size=EVAL_BATCH_SIZE):
-    """Run the model over `noisy` in batches, in eval mode: N x C x H x W -> N x C x H x W."""
-    was_training = model.training
-    model.eval()
-    out = torch.cat([model(chunk) for chunk in noisy.split(batch_size)])  # N x C x H x W
-    model.train(was_training)
-    return out
-
-
-def evaluate(model, noisy, clean, batch_size=EVAL_BATCH_SIZE):
-    """Denoise `noisy` and score it against `clean`: returns (PSNR dB, SSIM)."""
-    restored = denoise(model, noisy, batch_size)  # N x C x H x W
-    return psnr(restored, clean), ssim(restored, clean)
-
-
 class Interrupted(Exception):
     """Training stopped between two steps on request; `position` says where, for an exact resume."""
 
@@ -178,49 +140,32 @@ class Interrupted(Exception):
         self.position = position
 
 
-def train_epoch(model, optimizer, images, batch_size, noise_level, generator, progress=None,
-                position=None, should_stop=None, amp=False, noise="gaussian", scheduler=None):
-    """One pass over `images` (clean, N x C x H x W): fresh noise per batch, MSE to the clean
-    image, one Adam step per batch. Returns the mean training loss as a float; raises
-    NonFiniteLoss if the loss is NaN or inf.
+def train_epoch(net, optimizer, images, generator, *, noise, batch_size, scheduler=None,
+                amp=False, position=None, should_stop=None, progress=None):
+    """One pass over `images` (clean, N x C x H x W) in an order drawn by `generator`, one
+    train_step per batch (then a scheduler step). Returns the mean training loss as a float;
+    raises NonFiniteLoss if it is NaN or infinite.
 
-    The model sees only the noisy batch; the clean batch is the target (feeding it the clean
-    image, a common tutorial bug, turns denoising into an identity map).
-
-    `should_stop()`, if given, is asked after every step; when it says yes, Interrupted is raised
-    with the position after that step: {"order", "step", "loss_sum"}. Passing that `position`
-    back (with the generator in the state it was then) finishes the epoch exactly as an
-    uninterrupted run would have. `amp` runs the forward pass under bfloat16 autocast (meant
-    for CUDA; the loss and the weights stay float32). `noise` is one of data.NOISES and
-    `noise_level` its level (or a [lo, hi] range), as data.add_noise takes them. `scheduler`, if
-    given (make_scheduler), steps after every Adam step.
+    `should_stop()` is asked after every step; when it says yes, Interrupted carries the
+    position after that step ({"order", "step", "loss_sum"}). Passing it back as `position`,
+    with the generator as it was then, finishes the epoch exactly as if it had never stopped.
     """
-    model.train()
+    net.train()
     if position is None:
         position = {"order": data.shuffle(len(images), generator), "step": 0, "loss_sum": 0.0}
-    order, done = position["order"].to(images.device), position["step"]  # N, steps already done
-    # summed on the device: no host sync per step
-    total = torch.tensor(position["loss_sum"], device=images.device)  # scalar
+    order, done = position["order"].to(images.device), position["step"]  # N, steps done
+    total = torch.tensor(position["loss_sum"], device=images.device)  # on the device: no sync
     step = done
     for step, idx in enumerate(data.batches(order, batch_size, done), done + 1):
-        clean = images[idx]  # B x C x H x W
-        noisy = data.add_noise(clean, noise_level, generator, noise)  # B x C x H x W
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
-            restored = model(noisy)  # B x C x H x W
-        loss = F.mse_loss(restored.float(), clean)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        total += train_step(net, optimizer, images[idx], noise, generator, amp) * len(idx)
         if scheduler is not None:
             scheduler.step()
-        total += loss.detach() * len(idx)
-        if step % FINITE_CHECK_EVERY == 0 and not torch.isfinite(total):
-            raise NonFiniteLoss(step)
         if progress is not None:
             progress.update(1)
-        if should_stop is not None and should_stop():
-            if not torch.isfinite(total):  # never save NaN weights as a resumable state
-                raise NonFiniteLoss(step)
+        stop = should_stop is not None and should_stop()
+        if (stop or step % FINITE_CHECK_EVERY == 0) and not torch.isfinite(total):
+            raise NonFiniteLoss(step)  # before a stop: NaN weights are never saved as resumable
+        if stop:
             raise Interrupted({"order": order.cpu(), "step": step, "loss_sum": total.item()})
     if not torch.isfinite(total):
         raise NonFiniteLoss(step)
@@ -228,10 +173,9 @@ def train_epoch(model, optimizer, images, batch_size, noise_level, generator, pr
 
 
 def make_scheduler(optimizer, schedule, total_steps):
-    """The learning-rate schedule of a run of `total_steps` Adam steps: None for "constant";
-    for "onecycle", torch's OneCycleLR with the optimizer's lr as its peak: a warm-up from lr/25
-    over the first 25% of the steps, then a cosine decay to lr/250,000 (Adam's beta1 moves the
-    other way). A short run gains from it: the last steps, at a small lr, settle the weights."""
+    """The learning-rate schedule of a run of `total_steps` steps: None for "constant"; for
+    "onecycle", torch's OneCycleLR peaking at the optimizer's lr: a warm-up from lr/25 over the
+    first 25% of the steps, then a cosine decay to lr/250,000 (so the last steps settle)."""
     if schedule == "constant":
         return None
     if schedule == "onecycle":
@@ -240,219 +184,361 @@ def make_scheduler(optimizer, schedule, total_steps):
     raise ValueError(f"unknown lr schedule {schedule!r} (choose from {', '.join(LR_SCHEDULES)})")
 
 
-def save_checkpoint(checkpoint, path):
-    """Write `checkpoint` atomically: a temporary file in the same folder, then os.replace.
+# ---------------------------------------------------------------- evaluation
 
-    A crash mid-write leaves the previous checkpoint intact and no temporary file behind.
+
+def psnr_per_image(pred, target):
+    """PSNR in dB of each image (data range 1): N x C x H x W, N x C x H x W -> N. MSE is
+    floored at 1e-10 (100 dB), so that a perfect image stays finite."""
+    mse = (pred - target).square().flatten(1).mean(1)  # N
+    return -10 * torch.log10(mse.clamp_min(1e-10))  # N
+
+
+def psnr(pred, target):
+    """Mean PSNR over images, in dB. Per image, because a pooled MSE would let the many easy
+    images hide the hard ones."""
+    return psnr_per_image(pred, target).mean().item()
+
+
+def ssim(pred, target, batch_size=EVAL_BATCH_SIZE):
+    """Mean structural similarity (Wang et al. 2004; Gaussian window 11, sigma 1.5, data range
+    1) over the valid windows of each image, as scikit-image computes it, then over images.
+
+    torchmetrics draws the SSIM map; its 5-pixel border, where windows hang over the padded
+    edge, is cut off. Images must be at least 11 x 11.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from torchmetrics.functional.image import structural_similarity_index_measure  # slow import
+
+    if min(pred.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, "
+                         f"got {tuple(pred.shape[-2:])}")
+    cut, per_image = SSIM_WINDOW // 2, []
+    # oneDNN's kernel for this one-channel 11 x 11 window is slow on CPUs; None: leave the rest
+    with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None,
+                                     fp32_precision=None):
+        for p, t in zip(pred.split(batch_size), target.split(batch_size)):
+            _, full = structural_similarity_index_measure(
+                p.float(), t.float(), data_range=1.0, reduction="none", return_full_image=True)
+            per_image.append(full[..., cut:-cut, cut:-cut].flatten(1).mean(1))  # n
+    return torch.cat(per_image).mean().item()
 
 
-# The config keys that train.py and visualize.py read from every checkpoint.
+def fixed_noisy_test_set(clean, noise):
+    """The test images with noise drawn once from TEST_NOISE_SEED (not --seed), so that scores
+    compare across runs, seeds and epochs."""
+    generator = torch.Generator(device=clean.device).manual_seed(TEST_NOISE_SEED)
+    return add_noise(clean, noise, generator)  # N x C x H x W
+
+
+@torch.inference_mode()
+def denoise(net, noisy, batch_size=EVAL_BATCH_SIZE):
+    """Run the model over `noisy` in batches, in eval mode: N x C x H x W -> N x C x H x W."""
+    was_training = net.training
+    net.eval()
+    out = torch.cat([net(chunk) for chunk in noisy.split(batch_size)])  # N x C x H x W
+    net.train(was_training)
+    return out
+
+
+def evaluate(net, noisy, clean):
+    """Denoise `noisy` and score it against `clean`: returns (PSNR dB, SSIM)."""
+    restored = denoise(net, noisy)  # N x C x H x W
+    return psnr(restored, clean), ssim(restored, clean)
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+# The config keys every script reads; the rest of a config records how the run was made.
 CONFIG_KEYS = ("arch", "channels", "widths", "dataset", "data_dir", "noise", "noise_level")
+RESUME_KEYS = ("optimizer", "rng", "epoch", "history", "position")
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used. The message is one line naming the file."""
+class TrainState(NamedTuple):
+    """What training changes, all of it saved for an exact resume."""
+
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # None for a constant learning rate
+    generator: torch.Generator  # draws the data order and the noise
 
 
-def _load_failure(error):
-    """A short reason for a failed weights-only torch.load (torch's own messages run to pages)."""
-    text = " ".join(str(error).split())
-    found = re.search(r"unsupported GLOBAL (\S+)", text)
-    if found:  # the pickle names a function or class to call: refused, never run
-        return f"it asks to call {found.group(1)} when loaded; refused, only tensors are loaded"
-    if isinstance(error, EOFError) or "PytorchStreamReader" in text or "zip" in text.lower():
-        return "empty, truncated or not a torch file"
-    if "Weights only load failed" in text:
-        return "not a torch checkpoint of tensors and plain values"
-    return f"unreadable ({text[:120]})"
+def save_checkpoint(checkpoint, path):
+    """Write `checkpoint` atomically: a crash mid-write leaves the previous file whole."""
+    data.atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def _mismatch(error):
-    """The first line of a strict load_state_dict failure, and how many more there are."""
-    text = " ".join(str(error).split())
-    text = re.sub(r"^Error\(s\) in loading state_dict for \w+: ", "", text)
-    parts = re.split(r"\.\s+(?=size mismatch|Missing key|Unexpected key)", text)
-    more = f" (and {len(parts) - 1} more)" if len(parts) > 1 else ""
-    return parts[0].rstrip(".") + more
+def make_checkpoint(state, config, history, position=None):
+    """What train.py saves: the model and its config for visualize.py, plus all an exact resume
+    needs (optimizer, schedule, epochs done, random states, position inside an epoch)."""
+    rng = {"generator": state.generator.get_state(), "torch_cpu": torch.get_rng_state(),
+           "device": state.generator.device.type}  # a generator's state fits its device only
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return {"model": {k: v.detach().cpu() for k, v in state.net.state_dict().items()},
+            "config": config, "history": history, "epoch": len(history),
+            "optimizer": state.optimizer.state_dict(), "rng": rng, "position": position,
+            "scheduler": None if state.scheduler is None else state.scheduler.state_dict()}
 
 
 def load_checkpoint(path):
-    """Load a checkpoint written by save_checkpoint, on the CPU, with weights_only=True.
-
-    weights_only=True lets the unpickler build only tensors and plain containers: a file that
-    would call a function (os.system, ...) is refused instead of executed.
-    Raises CheckpointError with one line naming the file and the problem.
-    """
-    hint = "run python train.py first"
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; {hint}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a directory, not a file; {hint}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, random bytes, or a pickle that wants to run code
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {_load_failure(e)}") from e
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
-            and isinstance(checkpoint.get("config"), dict)):
-        raise CheckpointError(f"{path} is not a checkpoint of this project "
-                              f"(expected a dict with 'model' and 'config'); {hint}")
+    """model.read_checkpoint, then the config checks every script needs (older files are
+    upgraded). Raises model.CheckpointError with one line naming the file."""
+    checkpoint = model.read_checkpoint(path)
     config = checkpoint["config"]
     if "noise_std" in config and "noise_level" not in config:  # written before --noise existed
         config.update(noise="gaussian", noise_level=config.pop("noise_std"))
     config.setdefault("lr_schedule", "constant")  # written before --lr-schedule existed
-    if config["lr_schedule"] not in LR_SCHEDULES or (
-            config["lr_schedule"] != "constant" and not isinstance(config.get("epochs"), int)):
-        raise CheckpointError(f"checkpoint {path} has an unusable lr schedule "
-                              f"({config['lr_schedule']!r}, epochs {config.get('epochs')!r})")
     missing = [key for key in CONFIG_KEYS if key not in config]
     if missing:
-        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
-    wrong = [key for key in ("arch", "dataset", "data_dir", "noise")
-             if not isinstance(config[key], str)]
-    if wrong:
-        raise CheckpointError(f"checkpoint {path} has a config whose {', '.join(wrong)} "
-                              f"is not a string")
+        raise model.CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
     try:
-        data.check_noise(config["noise"], config["noise_level"])
+        if not all(isinstance(config[k], str) for k in ("arch", "dataset", "data_dir", "noise")):
+            raise ValueError("arch, dataset, data_dir and noise must be strings")
+        model.model_config(config["arch"], config["channels"], config["widths"])
+        check_noise(Noise(config["noise"], config["noise_level"]))
+        crop, multiple = config.get("crop"), model.size_multiple(config["widths"])
+        if crop is not None and not (type(crop) is int and crop >= SSIM_WINDOW
+                                     and crop % multiple == 0):
+            raise ValueError(f"crop {crop!r} is not a multiple of {multiple} of at least "
+                             f"{SSIM_WINDOW}")
+        check_history(checkpoint.get("history", []))
     except ValueError as e:
-        raise CheckpointError(f"checkpoint {path} has an unusable noise setting: {e}") from e
+        raise model.CheckpointError(f"checkpoint {path} has an unusable config: {e}") from e
     return checkpoint
 
 
+def check_history(history):
+    """Raise ValueError unless `history` is a list of epoch records (dicts with an int "epoch"
+    and numbers for "train_loss" and "test_psnr")."""
+    if not (isinstance(history, list) and all(
+            isinstance(h, dict) and type(h.get("epoch")) is int
+            and all(isinstance(h.get(k), (int, float)) for k in ("train_loss", "test_psnr"))
+            for h in history)):
+        raise ValueError("its history is not a list of epoch records")
 
-def restore_model(checkpoint, path):
-    """Rebuild the checkpoint's model from its config and load its weights (strictly)."""
+
+def open_resume(path, given, epochs):
+    """Load a checkpoint to resume and check it against the run-defining flags given ({key:
+    value}) and the epochs asked for. Raises model.CheckpointError with one line."""
+    checkpoint = load_checkpoint(path)
     config = checkpoint["config"]
+    schedule, planned = config["lr_schedule"], config.get("epochs")
+    if schedule not in LR_SCHEDULES or schedule != "constant" and type(planned) is not int:
+        raise model.CheckpointError(f"checkpoint {path} has an unusable lr schedule "
+                                    f"({schedule!r}, epochs {planned!r})")
+    missing = ([k for k in RESUME_KEYS if k not in checkpoint] + [
+        f"config {k}" for k in ("batch_size", "lr", "seed") if k not in config])
+    if config["lr_schedule"] != "constant" and not checkpoint.get("scheduler"):
+        missing.append("scheduler state")
+    if missing:
+        raise model.CheckpointError(f"checkpoint {path} cannot be resumed: it has no "
+                                    f"{', '.join(missing)} (not written by this train.py)")
+    done, position = checkpoint["epoch"], checkpoint["position"]
+    if type(done) is not int or done != len(checkpoint["history"]) or not isinstance(
+            checkpoint["rng"], dict) or not (
+            position is None or isinstance(position, dict) and isinstance(
+                position.get("order"), torch.Tensor) and type(position.get("step")) is int):
+        raise model.CheckpointError(f"checkpoint {path} cannot be resumed: its epoch, history, "
+                                    f"random state and position do not agree")
+    conflicts = [f"--{k.replace('_', '-')} {v} (the checkpoint has {config.get(k)})"
+                 for k, v in given.items() if v != config.get(k)]
+    if conflicts:
+        raise model.CheckpointError(f"--resume {path}: flags contradict the checkpoint: "
+                                    + "; ".join(conflicts))
+    if schedule != "constant" and done >= planned:
+        raise model.CheckpointError(f"--resume {path}: its {schedule} lr schedule ended with "
+                                    f"epoch {planned} and cannot be extended; start a new run")
+    if schedule != "constant" and epochs != planned:
+        raise model.CheckpointError(f"--resume {path}: its {schedule} lr schedule spans "
+                                    f"{planned} epochs and cannot be stretched; finish it with "
+                                    f"--epochs {planned}")
+    if epochs <= done:
+        raise model.CheckpointError(f"--resume {path}: it has {done} epochs already; ask for "
+                                    f"more with --epochs")
+    return checkpoint
+
+
+def restore_state(state, checkpoint, path, images_per_epoch):
+    """Load a checkpoint's optimizer, schedule and random states into `state`, after checking
+    that its interrupted epoch, if any, fits this data. Raises model.CheckpointError."""
+    position = checkpoint["position"]
+    steps_per_epoch = math.ceil(images_per_epoch / checkpoint["config"]["batch_size"])
     try:
-        net = models.build_model(config)
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} has an unusable model config ({e})") from e
+        if state.scheduler is not None and (checkpoint["scheduler"].get("total_steps")
+                                            != state.scheduler.total_steps):
+            raise ValueError(f"its lr schedule has {checkpoint['scheduler'].get('total_steps')} "
+                             f"steps, this data gives {state.scheduler.total_steps}")
+        if position is not None and not (0 <= position["step"] <= steps_per_epoch and len(
+                position["order"]) == images_per_epoch and isinstance(position.get(
+                    "loss_sum"), float)):
+            raise ValueError(f"its interrupted epoch (step {position['step']}, "
+                             f"{len(position['order'])} images) does not fit this data "
+                             f"({images_per_epoch} images, {steps_per_epoch} steps per epoch)")
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        if state.scheduler is not None:
+            state.scheduler.load_state_dict(checkpoint["scheduler"])
+        state.generator.set_state(checkpoint["rng"]["generator"])
+        torch.set_rng_state(checkpoint["rng"]["torch_cpu"])
+        if "torch_cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["torch_cuda"])
+    except Exception as e:  # crafted or damaged states fail in many ways; none may train
+        raise model.CheckpointError(f"--resume {path}: {data.one_line(e, 200)}; resume with the "
+                                    f"data it was trained on, or start a new run") from e
+
+
+# ---------------------------------------------------------------- stop signals
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
+
+
+class StopRequest(BaseException):
+    """A stop signal that must end the program now (BaseException: no `except Exception` in
+    a loader may swallow it)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Handle SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed). Yields a dict: while
+    its "training" is true, a first signal only sets its "signal", which the training loop
+    checks between steps so that it can save a resumable checkpoint; otherwise (loading, or a
+    second signal) StopRequest is raised at once. Restores the handlers on exit."""
+    state = {"signal": None, "training": False}
+
+    def handler(signum, frame):
+        if state["signal"] is not None or not state["training"]:
+            raise StopRequest(signum)
+        state["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        net.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"checkpoint {path}: weights do not fit its config ({config.get('arch')}, "
-            f"{config.get('channels')} channels, widths {config.get('widths')}): {_mismatch(e)}"
-        ) from e
-    return net
+        yield state
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
-def check_writable(path):
-    """Raise OSError now, before any training, if the checkpoint's folder cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-        pass
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a directory")
+# ---------------------------------------------------------------- the training run
 
 
-def add_checkpoint_flag(parser):
-    """Declare --checkpoint (shared by train.py and visualize.py)."""
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                        help="checkpoint file: train.py writes it after every epoch, "
-                             "visualize.py reads it")
+def main(argv=None):
+    """Train, printing one line per epoch, and save a checkpoint after every epoch. Returns the
+    exit code: 0; 1 (a non-finite loss, or a checkpoint that could not be written); 2 (bad
+    flags, data or checkpoint: one line); 128 + the signal's number when stopped by a signal."""
+    args = parse_args(argv)
+    with stop_requests() as stop:
+        try:
+            return run_training(args, stop)
+        except (UsageError, data.DataError, model.CheckpointError, BlockingIOError) as e:
+            print(f"train.py: error: {data.one_line(e, 1000)}", file=sys.stderr)
+            return 2
+        except StopRequest as e:  # while loading: nothing new to save
+            print(f"train.py: stopped by {e} before training; nothing saved", file=sys.stderr)
+            return 128 + e.signum
 
 
-def add_batch_size_flag(parser):
-    """Declare --batch-size (shared by train.py and benchmarks/speed.py)."""
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                        help="images per Adam step")
+def run_training(args, stop):
+    """The run that the flags ask for, step by step; returns the exit code."""
+    checkpoint = (open_resume(args.resume, resume_flags(args), args.epochs) if args.resume
+                  else None)
+    settings = checkpoint["config"] if checkpoint else new_run_settings(args)
+    path = output_path(args.checkpoint, args.resume)
+    with data.exclusive(path):  # no other run writes this file meanwhile
+        refuse_replacing(path, args.resume, args.overwrite)
+        device = open_device(args.device, args.amp)
+        ran_on = checkpoint["rng"].get("device", "cpu") if checkpoint else device.type
+        if ran_on != device.type:  # a generator's state fits only its device type
+            raise UsageError(f"--resume {args.resume} was a {ran_on} run; an exact resume needs "
+                             f"the same device type, not {device.type}")
+        net = model.restore_model(checkpoint, args.resume) if checkpoint else None
+        deterministic = bool(args.deterministic or settings.get("deterministic"))
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA work
+            torch.use_deterministic_algorithms(True)
+        data_dir = os.path.abspath(args.data_dir or settings.get("data_dir", "data"))
+        ds = load_data(settings, data_dir, checkpoint, args.resume)
+        config = ({**checkpoint["config"], "epochs": args.epochs, "data_dir": data_dir,
+                   "data_fingerprint": ds.fingerprint, "deterministic": deterministic}
+                  if checkpoint else new_config(settings, ds, data_dir=data_dir,
+                                                epochs=args.epochs, deterministic=deterministic))
+        state, train_x = setup(config, net, ds, device, args.epochs)
+        history = []
+        if checkpoint:
+            restore_state(state, checkpoint, args.resume, data.images_per_epoch(train_x))
+            history = checkpoint["history"]
+            where = f", step {checkpoint['position']['step']}" if checkpoint["position"] else ""
+            print(f"resuming {args.resume}: {len(history)} epochs done{where}, "
+                  f"training to {args.epochs}")
+        print(f"model: {config['arch']} {config['widths']}, "
+              f"{model.count_parameters(state.net):,} parameters, device {device}, "
+              f"{data.images_per_epoch(train_x):,} training images per epoch, "
+              f"lr {config['lr']:g} {config['lr_schedule']}")
+        test = scored_test_set(ds.test_x.to(device), config)
+        stop["training"] = True
+        try:
+            return train_epochs(state, config, train_x=train_x, test=test, path=path,
+                                epochs=args.epochs, history=history, amp=args.amp, stop=stop,
+                                position=checkpoint["position"] if checkpoint else None)
+        except StopRequest as e:
+            return fail(128 + e.signum, f"stopped at once by a second {e}; {path} is as the "
+                                        f"last completed save left it")
 
 
-def parse_args(argv=None):
-    """Flags of train.py. Returns (parser, args, the dests of the flags given explicitly)."""
-    p = argparse.ArgumentParser(description="Train a convolutional denoising autoencoder.",
-                                formatter_class=HelpFormatter,
-                                allow_abbrev=False)  # so that given_flags sees every flag
-    p.add_argument("--epochs", type=positive_int, default=10,
-                   help="passes over the training set (with --resume: the total to reach)")
-    add_batch_size_flag(p)
-    p.add_argument("--lr", type=positive_float, default=1e-3,
-                   help="Adam learning rate (with --lr-schedule onecycle: the peak)")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
-                   help="constant, or onecycle: warm up to --lr over the first 25%% of the run's "
-                        "steps, then decay to almost 0 by its last (try --lr 3e-3)")
-    data.add_noise_flags(p)
-    p.add_argument("--dataset", choices=data.DATASETS, default="mnist",
-                   help="mnist falls back to mnist-sample (5,000 digits) when offline; "
-                        "folder: every PNG/JPEG under --data-dir, recursively")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="1 (gray) or 3 (colour): converts the images; default: the data set's "
-                        "own (colour for a folder)")
-    p.add_argument("--crop", type=positive_int, default=None,
-                   help=f"--dataset folder only: train on random CROP x CROP crops and test on "
-                        f"centre crops (default {data.DEFAULT_CROP})")
-    data.add_data_dir_flag(p)
-    p.add_argument("--arch", choices=models.ARCHS, default="basic", help="model architecture")
-    p.add_argument("--widths", type=widths_list, default=None,
-                   help="channels per level, comma-separated; each level halves the image, so "
-                        "MNIST's 28 x 28 takes at most 2 (default: "
-                        + "; ".join(f"{a} {','.join(map(str, w))}"
-                                    for a, w in models.DEFAULT_WIDTHS.items()) + ")")
-    p.add_argument("--seed", type=seed_int, default=0,
-                   help="seeds Python, NumPy and torch: the weights, the data order and the noise")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a name")
-    p.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast for the forward pass (CUDA only)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="use only deterministic algorithms (matters on CUDA; see README)")
-    add_checkpoint_flag(p)
-    p.add_argument("--overwrite", action="store_true",
-                   help="let a new run replace an existing --checkpoint file")
-    p.add_argument("--resume", metavar="CHECKPOINT",
-                   help="continue this checkpoint's run, exactly, up to --epochs in total")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
-    if args.crop is not None and args.dataset != "folder":
-        p.error("--crop is for --dataset folder (the other data sets are used whole)")
-    model = models.model_config(args.arch, widths=args.widths)
-    multiple = models.size_multiple(model)
-    if args.dataset == "folder" and (args.crop or data.DEFAULT_CROP) % multiple:
-        p.error(f"--crop must be a multiple of {multiple} for --arch {args.arch} with "
-                f"{len(model['widths'])} levels")
-    try:
-        args.noise, args.noise_level = data.resolve_noise(args.noise, args.noise_level,
-                                                          args.noise_std)
-    except ValueError as e:
-        p.error(str(e))
-    given = given_flags(p, argv)
-    if "noise_std" in given:  # one setting, two spellings: compare it as noise_level
-        given = (given - {"noise_std"}) | {"noise", "noise_level"}
-    return p, args, given
+def load_data(settings, data_dir, checkpoint, resume_path):
+    """The run's data set; on a resume, refuse data other than what the run was trained on."""
+    ds = data.load_dataset(settings["dataset"], data_dir, channels=settings.get("channels"),
+                           crop=settings.get("crop"))
+    print(ds.note)
+    if checkpoint and ds.name != settings["dataset"]:
+        raise data.DataError(f"--resume {resume_path} was trained on {settings['dataset']}, but "
+                             f"{ds.name} was loaded; point --data-dir at the original data")
+    if checkpoint and settings.get("data_fingerprint", ds.fingerprint) != ds.fingerprint:
+        raise data.DataError(f"--resume {resume_path}: the images in {data_dir} are not the "
+                             f"ones it was trained on; point --data-dir at the original data")
+    return ds
 
 
-def given_flags(parser, argv):
-    """The dests of the flags that appear in argv, as --flag or --flag=value."""
-    named = {opt: action.dest for action in parser._actions for opt in action.option_strings}
-    return {named[token.split("=")[0]] for token in argv if token.split("=")[0] in named}
+def new_config(settings, ds, *, data_dir, epochs, deterministic):
+    """The checkpoint config of a new run: model, data, noise and training settings, versions.
+    The data set is the one actually loaded (mnist-sample after the offline fallback)."""
+    import torchvision  # only for its version; imported here to keep --help fast
+
+    size = list(ds.test_x.shape[2:])
+    config = {**model.model_config(settings["arch"], ds.test_x.shape[1], settings["widths"]),
+              "dataset": ds.name, "data_dir": data_dir,
+              "data_fingerprint": ds.fingerprint, "image_size": size, "crop": settings["crop"],
+              "noise": settings["noise"].kind, "noise_level": settings["noise"].level,
+              "test_noise_seed": TEST_NOISE_SEED, "epochs": epochs,
+              **{k: settings[k] for k in ("seed", "batch_size", "lr", "lr_schedule")},
+              "deterministic": deterministic,
+              "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+    multiple, levels = model.size_multiple(config["widths"]), len(config["widths"])
+    if any(side % multiple for side in size):
+        raise UsageError(f"{levels} widths halve the image {levels} times, so its sides must be "
+                         f"multiples of {multiple}; {ds.name} is {size[0]}x{size[1]}: use fewer "
+                         f"--widths")
+    if min(size) < SSIM_WINDOW:
+        raise UsageError(f"{ds.name}'s test images are {size[0]}x{size[1]}; scoring (SSIM) "
+                         f"needs at least {SSIM_WINDOW}x{SSIM_WINDOW}")
+    return config
 
 
-# Flags a resume may not change (each flag's dest is also its config key): changing them would
-# make the run something other than a continuation. --epochs, --checkpoint, --data-dir and
-# --device (within one device type) may change.
-RESUME_FIXED = ("arch", "widths", "dataset", "noise", "noise_level", "batch_size", "lr",
-                "lr_schedule", "seed")
-
-
-def resume_conflicts(config, flags):
-    """Flags given on a resume ({dest: value}) that contradict the checkpoint's config."""
-    return [f"--{key.replace('_', '-')} {value} (the checkpoint has {config[key]})"
-            for key, value in flags.items() if key in RESUME_FIXED and value != config[key]]
+def setup(config, net, ds, device, epochs):
+    """The model (built from the config, unless resumed), optimizer, schedule and generator of
+    a run, and its training images on `device`. Returns (state, train_x)."""
+    seed_everything(config["seed"])  # the weights' initialisation
+    net = model.build_model(config) if net is None else net
+    net = net.to(device).to(memory_format=torch.channels_last)  # oneDNN's fast kernels on CPU
+    train_x = ds.train_x.to(device) if isinstance(ds.train_x, torch.Tensor) else ds.train_x
+    optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"])
+    steps = math.ceil(data.images_per_epoch(train_x) / config["batch_size"])
+    scheduler = make_scheduler(optimizer, config["lr_schedule"], steps * epochs)
+    generator = torch.Generator(device=device).manual_seed(config["seed"])  # order and noise
+    return TrainState(net, optimizer, scheduler, generator), train_x
 
 
 def seed_everything(seed):
@@ -462,262 +548,337 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state(generator):
-    """Every random state that training consumes, as tensors: for an exact resume."""
-    state = {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
-             "device": generator.device.type}  # a generator's state fits only its device type
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class TestSet(NamedTuple):
+    """The clean test images, their fixed noisy draw, and the noisy input's PSNR."""
+
+    clean: torch.Tensor  # N x C x H x W
+    noisy: torch.Tensor  # N x C x H x W
+    noisy_psnr: float
 
 
-def set_rng_state(state, generator):
-    """Restore what rng_state saved."""
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["torch_cuda"])
+def scored_test_set(clean, config):
+    """The TestSet of a run; prints the noisy input's scores, the baseline."""
+    noise = Noise(config["noise"], config["noise_level"])
+    noisy = fixed_noisy_test_set(clean, noise)  # N x C x H x W
+    baseline = psnr(noisy, clean)
+    print(f"noisy input ({noise}): test PSNR {baseline:.2f} dB, SSIM {ssim(noisy, clean):.4f}")
+    return TestSet(clean, noisy, baseline)
 
 
-def make_checkpoint(net, optimizer, scheduler, config, history, epoch, generator, position=None):
-    """What train.py saves: the model and its config for visualize.py, plus everything an exact
-    resume needs (optimizer, lr schedule, completed epochs, random state, position inside an
-    epoch)."""
-    return {"model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-            "config": config, "history": history, "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "rng": rng_state(generator), "position": position}
+def train_epochs(state, config, *, train_x, test, path, epochs, history, position, amp, stop):
+    """Train from len(history) to `epochs` epochs, scoring and saving after each; returns the
+    exit code. A stop signal saves a resumable checkpoint inside the epoch."""
+    from tqdm import tqdm
 
-
-@contextlib.contextmanager
-def stop_requests():
-    """Turn SIGINT (Ctrl-C) and SIGTERM into a request that the training loop checks between
-    steps, so that it stops with a consistent, saved state. Yields a dict whose "signal" becomes
-    the signal's number; a second signal interrupts at once. Restores the handlers on exit."""
-    requested = {"signal": None}
-
-    def handler(signum, frame):
-        if requested["signal"] is not None:
-            raise KeyboardInterrupt
-        requested["signal"] = signum
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def new_config(ds, data_dir, crop, arch, widths, noise, noise_level, seed, epochs, batch_size,
-               lr, lr_schedule, deterministic):
-    """The checkpoint config of a new run: model, data, noise and training settings, versions.
-    The data set is the one actually loaded (mnist-sample after the offline fallback)."""
-    import torchvision  # only for its version here; see ssim for why not at the top
-
-    return {
-        **models.model_config(arch, ds.test_x.shape[1], widths),  # channels follow the data
-        "dataset": ds.name, "data_dir": os.path.abspath(data_dir),
-        "image_size": list(ds.test_x.shape[2:]), "crop": crop,
-        "noise": noise, "noise_level": noise_level, "test_noise_seed": TEST_NOISE_SEED,
-        "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "lr_schedule": lr_schedule,
-        "deterministic": deterministic,
-        "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-    }
-
-
-RESUME_KEYS = ("optimizer", "rng", "epoch", "history", "position")
-RESUME_CONFIG_KEYS = ("batch_size", "lr", "seed")
-
-
-def open_resume(path, flags, epochs):
-    """Load a checkpoint to resume and check it against the flags given ({dest: value}) and the
-    epochs asked for; raises CheckpointError with one line."""
-    checkpoint = load_checkpoint(path)
-    missing = ([k for k in RESUME_KEYS if k not in checkpoint]
-               + [f"config {k}" for k in RESUME_CONFIG_KEYS if k not in checkpoint["config"]])
-    if checkpoint["config"]["lr_schedule"] != "constant" and not checkpoint.get("scheduler"):
-        missing.append("scheduler state")
-    if missing:
-        raise CheckpointError(f"checkpoint {path} cannot be resumed: it has no "
-                              f"{', '.join(missing)} (not written by this train.py)")
-    conflicts = resume_conflicts(checkpoint["config"], flags)
-    if conflicts:
-        raise CheckpointError(f"--resume {path}: flags contradict the checkpoint: "
-                              + "; ".join(conflicts))
-    schedule, planned = checkpoint["config"]["lr_schedule"], checkpoint["config"]["epochs"]
-    if schedule != "constant":  # its lr curve spans exactly the epochs it was started with
-        if checkpoint["epoch"] >= planned:
-            raise CheckpointError(f"--resume {path}: its {schedule} lr schedule ended with "
-                                  f"epoch {planned} and cannot be extended; start a new run")
-        if epochs != planned:
-            raise CheckpointError(f"--resume {path}: its {schedule} lr schedule spans {planned} "
-                                  f"epochs and cannot be stretched; finish it with "
-                                  f"--epochs {planned}")
-    if epochs <= checkpoint["epoch"]:
-        raise CheckpointError(f"--resume {path}: it has {checkpoint['epoch']} epochs already; "
-                              f"ask for more with --epochs")
-    return checkpoint
-
-
-def main(argv=None):
-    """Train, printing one line per epoch, and save a checkpoint after every epoch.
-
-    Returns the exit code: 0, 1 (non-finite loss), 130 / 143 (stopped by SIGINT / SIGTERM);
-    bad flags, data or checkpoints exit with 2 through argparse.
-    """
-    parser, args, given = parse_args(argv)
-    with stop_requests() as requested:  # from here on, Ctrl-C never ends in a traceback
-        return run(parser, args, given, requested)
-
-
-def run(parser, args, given, requested):
-    """The body of main, with SIGINT / SIGTERM turned into `requested["signal"]`."""
-    checkpoint = net = None
-    try:
-        if args.resume:
-            flags = {key: getattr(args, key) for key in given}
-            checkpoint = open_resume(args.resume, flags, args.epochs)
-            net = restore_model(checkpoint, args.resume)
-            if "checkpoint" not in given:  # continue in the same file, not in the default one
-                args.checkpoint = args.resume
-        elif os.path.exists(args.checkpoint) and not args.overwrite:
-            raise CheckpointError(f"{args.checkpoint} exists; continue it with --resume "
-                                  f"{args.checkpoint}, or pass --overwrite or another "
-                                  f"--checkpoint")
-        if args.deterministic or (checkpoint and checkpoint["config"].get("deterministic")):
-            # before any CUDA work: cuBLAS reads the workspace setting when it starts
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            args.deterministic = True
-        check_writable(args.checkpoint)
-        device = open_device(args.device)
-        if args.amp and device.type != "cuda":  # CPUs without bf16 units only get slower
-            raise RuntimeError(f"--amp needs a CUDA device, and this run is on {device}")
-        if checkpoint and checkpoint["rng"].get("device", "cpu") != device.type:
-            raise CheckpointError(f"--resume {args.resume}: its random state is from a "
-                                  f"{checkpoint['rng'].get('device', 'cpu')} run; an exact "
-                                  f"resume needs the same device type, not {device.type}")
-    except (CheckpointError, OSError, RuntimeError) as e:
-        parser.exit(2, f"train.py: error: {e}\n")
-    dataset = checkpoint["config"]["dataset"] if checkpoint else args.dataset
-    data_dir = (checkpoint["config"]["data_dir"] if checkpoint and "data_dir" not in given
-                else args.data_dir)
-    channels = checkpoint["config"]["channels"] if checkpoint else args.channels
-    crop = (checkpoint["config"].get("crop") if checkpoint else args.crop) or data.DEFAULT_CROP
-    try:
-        ds = data.load_dataset(dataset, data_dir, channels=channels, crop=crop)
-    except data.DataError as e:
-        parser.exit(2, f"train.py: error: {e}\n")
-    print(ds.note)
-    if checkpoint and ds.name != checkpoint["config"]["dataset"]:
-        parser.exit(2, f"train.py: error: --resume {args.resume} was trained on "
-                       f"{checkpoint['config']['dataset']}, but {ds.name} was loaded; "
-                       f"point --data-dir at the original data\n")
-
-    seed_everything(args.seed)  # the weights' initialisation
-    train_x, test_x = ds.train_x, ds.test_x.to(device)  # whole test set on the device
-    if isinstance(train_x, torch.Tensor):  # a folder's images stay a list, cropped per epoch
-        train_x = train_x.to(device)
-    if checkpoint:  # what a resume may change is recorded, so that the next resume keeps it
-        config = {**checkpoint["config"], "epochs": args.epochs,
-                  "data_dir": os.path.abspath(data_dir), "deterministic": args.deterministic}
-    else:
-        config = new_config(ds, args.data_dir, crop if dataset == "folder" else None, args.arch,
-                            args.widths, args.noise, args.noise_level, args.seed,
-                            args.epochs, args.batch_size, args.lr, args.lr_schedule,
-                            args.deterministic)
-        multiple = models.size_multiple(config)
-        if any(size % multiple for size in config["image_size"]):
-            parser.exit(2, f"train.py: error: {len(config['widths'])} widths halve the image "
-                           f"{len(config['widths'])} times, so its sides must be multiples of "
-                           f"{multiple}; {ds.name} is "
-                           f"{'x'.join(map(str, config['image_size']))}: use fewer --widths\n")
-        net = models.build_model(config)
-    generator = torch.Generator(device=device).manual_seed(config["seed"])  # order and noise
-    # NHWC lets oneDNN pick its fast convolution kernels: ~1.6x per step on CPU (measured).
-    net = net.to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"])
-    steps_per_epoch = math.ceil(data.images_per_epoch(train_x) / config["batch_size"])
-    scheduler = make_scheduler(optimizer, config["lr_schedule"], steps_per_epoch * args.epochs)
-    history, done, position = [], 0, None
-    if checkpoint:
-        if scheduler is not None and (checkpoint["scheduler"].get("total_steps")
-                                      != scheduler.total_steps):  # a folder with other images
-            parser.exit(2, f"train.py: error: --resume {args.resume}: its lr schedule has "
-                           f"{checkpoint['scheduler'].get('total_steps')} steps, this data gives "
-                           f"{scheduler.total_steps}; resume with the data it was trained on\n")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        set_rng_state(checkpoint["rng"], generator)
-        history, done, position = checkpoint["history"], checkpoint["epoch"], checkpoint["position"]
-        where = f", step {position['step']}" if position else ""
-        print(f"resuming {args.resume}: {done} epochs done{where}, training to {args.epochs}")
-    noise, level, batch_size = config["noise"], config["noise_level"], config["batch_size"]
-    test_noisy = fixed_noisy_test_set(test_x, level, noise)  # N x C x H x W
-    print(f"model: {config['arch']} {config['widths']}, {models.count_parameters(net):,} "
-          f"parameters, device {device}, {data.images_per_epoch(train_x):,} "
-          f"training images per epoch, lr {config['lr']:g} {config['lr_schedule']}")
-    base_psnr, base_ssim = psnr(test_noisy, test_x), ssim(test_noisy, test_x)
-    print(f"noisy input ({data.describe_noise(noise, level)}): test PSNR {base_psnr:.2f} dB, "
-          f"SSIM {base_ssim:.4f}")
-
-    if requested["signal"] is not None:  # came while loading: nothing new to save
-        name = signal.Signals(requested["signal"]).name
-        print(f"train.py: stopped by {name} before training; nothing saved", file=sys.stderr)
-        return 128 + requested["signal"]
-    for epoch in range(done + 1, args.epochs + 1):
+    noise, batch_size = Noise(config["noise"], config["noise_level"]), config["batch_size"]
+    for epoch in range(len(history) + 1, epochs + 1):
         start = time.perf_counter()
-        images = data.epoch_images(train_x, crop, config["seed"], epoch).to(device)  # N x C x H x W
+        images = data.epoch_images(train_x, config["crop"], config["seed"], epoch)
+        images = images.to(test.clean.device)  # N x C x H x W
         steps = math.ceil(len(images) / batch_size)
-        try:
+        try:  # disable=None: a bar on a terminal, none in logs and CI
             with tqdm(total=steps, initial=position["step"] if position else 0,
                       desc=f"epoch {epoch}", leave=False, disable=None) as bar:
-                # disable=None: a bar on a terminal, none in logs and CI
-                loss = train_epoch(net, optimizer, images, batch_size, level, generator,
-                                   bar, position, lambda: requested["signal"] is not None,
-                                   args.amp, noise, scheduler)
+                loss = train_epoch(state.net, state.optimizer, images, state.generator,
+                                   noise=noise, batch_size=batch_size, scheduler=state.scheduler,
+                                   amp=amp, position=position, progress=bar,
+                                   should_stop=lambda: stop["signal"] is not None)
         except NonFiniteLoss as e:
-            kept = f"{args.checkpoint} keeps epoch {epoch - 1}" if history else "nothing saved"
-            print(f"train.py: error: the loss became NaN or infinite in epoch {epoch} by step "
-                  f"{e.step} (lr {config['lr']}); stopped, {kept}", file=sys.stderr)
-            return 1
+            return fail(1, f"the loss became NaN or infinite in epoch {epoch} by step {e.step} "
+                           f"(lr {config['lr']:g}); stopped, {kept(path, history)}")
         except Interrupted as e:
-            save_checkpoint(make_checkpoint(net, optimizer, scheduler, config, history, epoch - 1,
-                                            generator, e.position), args.checkpoint)
-            return stopped(requested["signal"], args.checkpoint, args.epochs,
-                           f"in epoch {epoch} after step {e.position['step']}")
-        position = None
-        train_seconds = time.perf_counter() - start
-        test_psnr, test_ssim = evaluate(net, test_noisy, test_x)
-        seconds = time.perf_counter() - start
-        history.append({"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr,
-                        "test_ssim": test_ssim, "seconds": seconds})
+            return save_stop(make_checkpoint(state, config, history, e.position), path, stop,
+                             epochs, f"in epoch {epoch} after step {e.position['step']}")
+        position, seconds = None, time.perf_counter() - start
+        test_psnr, test_ssim = evaluate(state.net, test.noisy, test.clean)
+        history = history + [{"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr,
+                              "test_ssim": test_ssim, "seconds": time.perf_counter() - start}]
         print(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
-              f"SSIM {test_ssim:.4f}  {seconds:.1f} s  "
-              f"{len(images) / train_seconds:,.0f} img/s", flush=True)
-        save_checkpoint(make_checkpoint(net, optimizer, scheduler, config, history, epoch,
-                                        generator), args.checkpoint)
-        if requested["signal"] is not None and epoch < args.epochs:  # came during evaluation
-            return stopped(requested["signal"], args.checkpoint, args.epochs,
-                           f"after epoch {epoch}")
+              f"SSIM {test_ssim:.4f}  {history[-1]['seconds']:.1f} s  "
+              f"{len(images) / seconds:,.0f} img/s", flush=True)
+        if stop["signal"] is not None and epoch < epochs:  # came during the evaluation
+            return save_stop(make_checkpoint(state, config, history), path, stop, epochs,
+                             f"after epoch {epoch}")
+        try:
+            save_checkpoint(make_checkpoint(state, config, history), path)
+        except OSError as e:
+            return fail(1, f"cannot write checkpoint {path} ({data.one_line(e, 200)}); "
+                           f"{kept(path, history[:-1])}")
+    return finish(path, history, test)
 
-    print(f"checkpoint: {args.checkpoint}")
-    show = "python visualize.py" + ("" if args.checkpoint == DEFAULT_CHECKPOINT
-                                    else f" --checkpoint {args.checkpoint}")
-    print(f"draw the figure: {show}")
+
+def kept(path, history):
+    """What the checkpoint file holds now, for an error line."""
+    return f"{path} keeps epoch {len(history)}" if history else "nothing saved"
+
+
+def fail(code, message):
+    """Print `message` as train.py's one error line; return `code`."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    return code
+
+
+def save_stop(checkpoint, path, stop, epochs, where):
+    """Save a resumable checkpoint for a stop signal and say how to resume; returns the shell's
+    code for the signal (130 for SIGINT, 143 for SIGTERM), also when the save fails."""
+    name, code = signal.Signals(stop["signal"]).name, 128 + stop["signal"]
+    try:
+        save_checkpoint(checkpoint, path)
+    except (OSError, StopRequest) as e:
+        return fail(code, f"stopped by {name} {where}, but the checkpoint could not be written "
+                          f"({data.one_line(e, 200)}); {kept(path, checkpoint['history'])}")
+    print(f"train.py: stopped by {name} {where}; saved {path}; resume with: "
+          f"python train.py --resume {path} --epochs {epochs}", file=sys.stderr)
+    return code
+
+
+def finish(path, history, test):
+    """The closing lines of a finished run; a warning if the model made the images worse."""
+    if history and history[-1]["test_psnr"] < test.noisy_psnr:
+        print(f"train.py: warning: the model scores {history[-1]['test_psnr']:.2f} dB, below the "
+              f"noisy input's {test.noisy_psnr:.2f} dB: it makes images worse (--lr too high?)",
+              file=sys.stderr)
+    print(f"checkpoint: {path}")
+    show = "" if path == DEFAULT_CHECKPOINT else f" --checkpoint {path}"
+    print(f"draw the figure: python visualize.py{show}")
     return 0
 
 
-def stopped(signum, path, epochs, where):
-    """Say where training stopped and how to resume; return the shell's code for the signal."""
-    name = signal.Signals(signum).name
-    print(f"train.py: stopped by {name} {where}; saved {path}; resume with: "
-          f"python train.py --resume {path} --epochs {epochs}", file=sys.stderr)
-    return 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+# ---------------------------------------------------------------- command line
+
+
+class UsageError(Exception):
+    """Flags that cannot work (together, or with this data or file system): one line, exit 2."""
+
+
+# Flags that define a run. They default to None, so that a resume can tell the ones given (and
+# refuse those that contradict its checkpoint); a new run fills the rest from here.
+RUN_DEFAULTS = {"arch": "basic", "widths": None, "dataset": "mnist", "channels": None,
+                "crop": None, "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant", "seed": 0}
+
+
+def new_run_settings(args):
+    """The run-defining settings of a new run: the flags given, else RUN_DEFAULTS. Raises
+    UsageError with one line for flags that cannot work together."""
+    settings = {k: RUN_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
+                for k in RUN_DEFAULTS}
+    try:
+        settings["noise"] = resolve_noise(args.noise, args.noise_level, args.noise_std)
+        settings["widths"] = model.model_config(settings["arch"], 1, settings["widths"])["widths"]
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if settings["dataset"] != "folder":
+        if settings["crop"] is not None:
+            raise UsageError("--crop is for --dataset folder (the other data sets are used whole)")
+        return settings
+    settings["crop"] = settings["crop"] or data.DEFAULT_CROP
+    multiple = model.size_multiple(settings["widths"])
+    if settings["crop"] % multiple:
+        raise UsageError(f"--crop must be a multiple of {multiple} for --arch {settings['arch']} "
+                         f"with {len(settings['widths'])} levels")
+    return settings
+
+
+def resume_flags(args):
+    """The run-defining flags given on a resume, as {config key: value}, to check against it."""
+    given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
+    if (args.noise, args.noise_level, args.noise_std) != (None, None, None):
+        noise = resolve_noise(args.noise, args.noise_level, args.noise_std)
+        given.update(noise=noise.kind, noise_level=noise.level)
+    return given
+
+
+def output_path(checkpoint, resume):
+    """Where this run writes: --checkpoint, else the resumed file, else the default. Raises
+    UsageError, before any work, if no file can be written there."""
+    path = checkpoint if checkpoint is not None else resume or DEFAULT_CHECKPOINT
+    if not path.strip() or path.endswith(os.sep) or os.path.isdir(path):
+        raise UsageError(f"--checkpoint {path!r} must name a file")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write the checkpoint {path}: {data.one_line(e, 200)}") from e
+    return path
+
+
+def refuse_replacing(path, resume, overwrite):
+    """Raise UsageError if `path` exists and is not the file being resumed (unless --overwrite):
+    a run never replaces another run's checkpoint by accident."""
+    if not os.path.exists(path) or overwrite or resume and os.path.samefile(path, resume):
+        return
+    if resume:
+        raise UsageError(f"{path} exists and is not the checkpoint being resumed; pass "
+                         f"--overwrite or another --checkpoint")
+    raise UsageError(f"{path} exists; continue it with --resume {path}, or pass --overwrite or "
+                     f"another --checkpoint")
+
+
+def open_device(name, amp):
+    """The torch device called `name` ('auto': cuda, then mps, then cpu), touched once so that
+    an absent one fails now with one line (UsageError) instead of mid-run."""
+    if name == "auto":
+        name = ("cuda" if torch.cuda.is_available()
+                else "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except Exception as e:  # torch says it in many ways: RuntimeError, AssertionError, ...
+        raise UsageError(f"device {name!r} cannot be used: {data.one_line(e, 200)}") from e
+    if amp and device.type != "cuda":  # CPUs without bfloat16 units only get slower
+        raise UsageError(f"--amp needs a CUDA device, and this run is on {device}")
+    return device
+
+
+def resolve_noise(kind, level, std, default=None):
+    """The Noise that --noise, --noise-level and --noise-std ask for (None: not given).
+
+    --noise-std S is the Gaussian spelling of --noise gaussian --noise-level S. What is not
+    given comes from `default` (a Noise, such as a checkpoint's), else from NOISES' default
+    level for the type. Raises ValueError with one line.
+    """
+    if std is not None:
+        if level is not None:
+            raise ValueError("give --noise-level or --noise-std (its Gaussian spelling), not both")
+        if kind not in (None, "gaussian"):
+            raise ValueError(f"--noise-std is the Gaussian level; for --noise {kind} "
+                             f"use --noise-level")
+        kind, level = "gaussian", std
+    kind = kind or (default.kind if default else "gaussian")
+    if level is None:
+        level = default.level if default and default.kind == kind else NOISES[kind][1]
+    check_noise(Noise(kind, level))
+    return Noise(kind, level)
+
+
+def bounded(convert, low, high, what):
+    """An argparse type: convert(text), which must then be finite and within [low, high]."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except (ValueError, OverflowError):
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+positive_int = bounded(int, 1, 10 ** 9, "an integer from 1 to 10**9")
+positive_float = bounded(float, math.ulp(0.0), math.inf, "a positive number")
+seed_int = bounded(int, 0, 2 ** 32 - 1, "an integer in [0, 2**32)")
+nonnegative_float = bounded(float, 0, math.inf, "a number >= 0")
+
+
+def noise_level(text):
+    """argparse type for --noise-level: 'S' (a number >= 0) or 'LO:HI' (0 <= LO <= HI), which
+    gives the [LO, HI] list that add_noise draws one level per image from."""
+    if ":" not in text:
+        return nonnegative_float(text)
+    lo, hi = (nonnegative_float(part) for part in text.split(":", 1))
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"range LO:HI needs LO <= HI, got {text}")
+    return [lo, hi]
+
+
+def widths_list(text):
+    """argparse type for --widths: '32,64' -> [32, 64], one positive channel count per level."""
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or not all(1 <= w <= model.MAX_WIDTH for w in widths):
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas "
+                                         f"(e.g. 32,64; each at most {model.MAX_WIDTH}), "
+                                         f"got {text!r}")
+    return widths
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where it is None: those say what they mean."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_shared_flags(parser, checkpoint_default):
+    """Declare the flags train.py and visualize.py share: --checkpoint, --data-dir and the
+    noise flags (visualize.py: None means the checkpoint's)."""
+    parser.add_argument("--checkpoint", default=checkpoint_default,
+                        help=f"checkpoint file (default: {DEFAULT_CHECKPOINT}; train.py on "
+                             f"--resume: the resumed file); train.py writes it after every "
+                             f"epoch, visualize.py reads it")
+    add_data_dir_flag(parser)
+    meanings = "; ".join(f"{k}: {m} (default {d:g})" for k, (m, d, _) in NOISES.items())
+    parser.add_argument("--noise", choices=NOISES, default=None,
+                        help="noise type (default: gaussian, or the checkpoint's)")
+    parser.add_argument("--noise-level", type=noise_level, default=None,
+                        help=f"noise strength, or a range LO:HI (one level per image, drawn "
+                             f"uniformly: blind training). {meanings}. Noisy pixels are "
+                             f"clipped to [0, 1]")
+    parser.add_argument("--noise-std", type=noise_level, default=None,
+                        help="the Gaussian spelling: --noise-std S is --noise gaussian "
+                             "--noise-level S")
+
+
+def add_data_dir_flag(parser):
+    """Declare --data-dir (train.py, visualize.py and benchmarks/speed.py)."""
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding data sets in torchvision's layout "
+                             "(DATA_DIR/MNIST/raw/*-ubyte), where downloads go; with --dataset "
+                             "folder, the folder of images (default: data, or the checkpoint's)")
+
+
+def add_batch_size_flag(parser, default=None):
+    """Declare --batch-size (shared by train.py and benchmarks/speed.py)."""
+    parser.add_argument("--batch-size", type=bounded(int, 1, 2 ** 24, "from 1 to 2**24"),
+                        default=default, help=f"images per optimizer step (default: "
+                                              f"{RUN_DEFAULTS['batch_size']})")
+
+
+def parse_args(argv=None):
+    """Flags of train.py (the run-defining ones default to None: see RUN_DEFAULTS)."""
+    p = argparse.ArgumentParser(description="Train a convolutional denoising autoencoder.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--epochs", type=bounded(int, 1, 10 ** 6, "from 1 to 10**6"), default=10,
+                   help="passes over the training set (with --resume: the total to reach)")
+    add_batch_size_flag(p)
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="Adam learning rate; with --lr-schedule onecycle, the peak (default: 1e-3)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="constant, or onecycle: warm up to --lr over the first 25%% of the "
+                        "run's steps, then decay to almost 0 (try --lr 3e-3) (default: constant)")
+    p.add_argument("--dataset", choices=data.DATASETS, default=None,
+                   help="mnist falls back to mnist-sample (5,000 digits) when offline; folder: "
+                        "every PNG/JPEG/TIFF under --data-dir, recursively (default: mnist)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="1 (gray) or 3 (colour): converts the images (default: the data set's "
+                        "own; colour for a folder)")
+    p.add_argument("--crop", type=bounded(int, SSIM_WINDOW, 2 ** 15, f"from {SSIM_WINDOW} "
+                                          f"(SSIM's window) to 32768"), default=None,
+                   help=f"--dataset folder only: train on random CROP x CROP crops, test on "
+                        f"centre crops (default: {data.DEFAULT_CROP})")
+    p.add_argument("--arch", choices=model.ARCHS, default=None,
+                   help="model architecture (default: basic)")
+    p.add_argument("--widths", type=widths_list, default=None,
+                   help="channels per level, comma-separated; each level halves the image, so "
+                        "MNIST's 28 x 28 takes at most 2 (default: " + "; ".join(
+                            f"{a} {','.join(map(str, c.default_widths))}"
+                            for a, c in model.ARCHS.items()) + ")")
+    p.add_argument("--seed", type=seed_int, default=None,
+                   help="seeds the weights, the data order and the noise (default: 0)")
+    add_shared_flags(p, checkpoint_default=None)
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a name")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for the forward pass (CUDA only)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="use only deterministic algorithms (matters on CUDA; see README)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let this run replace an existing --checkpoint file")
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue this checkpoint's run, exactly, up to --epochs in total")
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import model as models
+import model
 import train
 
 # Sweep levels per noise type, mildest first (Poisson: fewer photons is noisier).
@@ -29,18 +29,18 @@ SWEEP_LEVELS = {
 BLUR_SIGMAS = (0.3, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0)  # Gaussian blur widths (pixels) tried per level
 TUNE_IMAGES = 500  # training images (never scored) on which each level's blur width is chosen
 CHUNK = 1000  # images per filter call: keeps the 3x3 windows of a large test set small
+# What a figure file starts with: an existing --out is replaced only if it is one of these.
+FIGURE_MAGIC = {".png": (b"\x89PNG",), ".pdf": (b"%PDF",), ".svg": (b"<?xml", b"<svg")}
 
 
 def pick_indices(total, n, seed):
     """`n` distinct test indices, the same for the same seed (seed 0 is the default figure)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(total, generator=generator)[:n]  # n
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]  # n
 
 
 def _as_image(tensor):
     """C x H x W in [0, 1] -> what imshow wants: H x W (gray) or H x W x C (colour)."""
-    image = tensor[0] if tensor.shape[0] == 1 else tensor.permute(1, 2, 0)  # H x W (x C)
-    return image.numpy()
+    return (tensor[0] if tensor.shape[0] == 1 else tensor.permute(1, 2, 0)).numpy()
 
 
 def draw_comparison(noisy, clean, denoised, title):
@@ -49,15 +49,12 @@ def draw_comparison(noisy, clean, denoised, title):
     Images are N x C x H x W in [0, 1], drawn on a fixed 0..1 scale so brightness is comparable
     across columns. Returns the matplotlib Figure.
     """
-    noisy_psnr = train.psnr_per_image(noisy, clean)  # N
-    denoised_psnr = train.psnr_per_image(denoised, clean)  # N
     n = len(clean)
     fig, axes = plt.subplots(3, n, figsize=(1.25 * n + 0.9, 4.6), squeeze=False)
-    rows = [("noisy", noisy, noisy_psnr), ("clean", clean, None),
-            ("denoised", denoised, denoised_psnr)]
+    rows = [("noisy", noisy, train.psnr_per_image(noisy, clean)), ("clean", clean, None),
+            ("denoised", denoised, train.psnr_per_image(denoised, clean))]
     for r, (label, images, scores) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r, c]
+        for c, ax in enumerate(axes[r]):
             ax.imshow(_as_image(images[c]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -75,8 +72,7 @@ def draw_comparison(noisy, clean, denoised, title):
 def median_filter(images, size=3):
     """Median of each `size` x `size` window, per channel, edges reflected:
     N x C x H x W -> N x C x H x W."""
-    pad = size // 2
-    out = []
+    pad, out = size // 2, []
     for chunk in images.split(CHUNK):
         padded = F.pad(chunk, (pad, pad, pad, pad), mode="reflect")  # n x C x H+2p x W+2p
         windows = padded.unfold(2, size, 1).unfold(3, size, 1)  # n x C x H x W x size x size
@@ -99,17 +95,14 @@ def tune_blur(noisy, clean, sigmas=BLUR_SIGMAS):
 
 
 def sweep(nets, test_clean, tune_clean, kind, levels):
-    """Score the noisy input itself, a 3x3 median filter, a tuned Gaussian blur and each model
-    in `nets` ({name: model}) at each noise level, all on the same noise draw (TEST_NOISE_SEED)
-    of `test_clean`.
-
-    The blur width is chosen per level on `tune_clean` (images that are never scored).
-    Returns one dict per level: {"level", "blur_sigma", "scores": {method: (PSNR, SSIM)}}.
-    """
+    """Score the noisy input, a 3x3 median filter, a tuned Gaussian blur and each model of
+    `nets` ({name: model}) at each level of noise `kind`, all on the same noise draw
+    (TEST_NOISE_SEED) of `test_clean`; the blur width is chosen on `tune_clean` (never scored).
+    Returns one dict per level: {"level", "blur_sigma", "scores": {method: (PSNR, SSIM)}}."""
     rows = []
     for level in levels:
-        noisy = train.fixed_noisy_test_set(test_clean, level, kind)  # N x C x H x W
-        tune_noisy = train.fixed_noisy_test_set(tune_clean, level, kind)  # T x C x H x W
+        noisy = train.fixed_noisy_test_set(test_clean, train.Noise(kind, level))  # N x C x H x W
+        tune_noisy = train.fixed_noisy_test_set(tune_clean, train.Noise(kind, level))
         sigma = tune_blur(tune_noisy, tune_clean)
         outputs = {"noisy input": noisy, "median 3x3": median_filter(noisy),
                    "Gaussian blur": gaussian_blur(noisy, sigma),
@@ -142,7 +135,7 @@ def draw_sweep(rows, kind, title):
     if kind == "poisson":
         ax.set_xscale("log")
         ax.invert_xaxis()  # noisier to the right, as for the other types
-    ax.set_xlabel(f"{kind} noise level ({data.NOISE_LEVELS[kind][0]})", fontsize=9)
+    ax.set_xlabel(f"{kind} noise level ({train.NOISES[kind][0]})", fontsize=9)
     ax.set_ylabel("test PSNR (dB)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -183,11 +176,13 @@ def denoise_image(net, image, multiple):
 
 
 def save_image(image, path):
-    """Save C x H x W in [0, 1] as an 8-bit image file (the suffix picks the format)."""
+    """Save C x H x W in [0, 1] as an 8-bit image file, atomically (the suffix picks the
+    format)."""
     from PIL import Image
 
     pixels = image.mul(255).round().to(torch.uint8).permute(1, 2, 0).squeeze(2)  # H x W (x C)
-    Image.fromarray(pixels.numpy()).save(path)
+    kind = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
+    data.atomic_write(path, lambda f: Image.fromarray(pixels.numpy()).save(f, format=kind))
 
 
 def draw_side_by_side(noisy, denoised, title):
@@ -203,40 +198,64 @@ def draw_side_by_side(noisy, denoised, title):
     return fig
 
 
-def image_outputs(image_path, out=None):
-    """(denoised image, side-by-side figure) paths for --image: `out` or NAME_denoised.png in
-    the current folder for photo NAME.jpg, and the figure beside it as ..._compare.png."""
+def image_outputs(image_path, out, force):
+    """(denoised image, side-by-side figure) paths for --image: `out`, else NAME_denoised.png
+    here for NAME.jpg, and the figure beside it as ..._compare.png. Raises UsageError if one
+    would replace the input, or an existing file without `force`."""
     denoised = out or f"{os.path.splitext(os.path.basename(image_path))[0]}_denoised.png"
-    return denoised, f"{os.path.splitext(denoised)[0]}_compare.png"
-
-
-def refuse_overwrites(paths, image_path, force):
-    """Raise FileExistsError (one line) if any output would replace the input image, or an
-    existing file without `force`."""
+    if os.path.splitext(denoised)[1].lower() not in data.IMAGE_SUFFIXES:
+        raise train.UsageError(f"--out {denoised}: name an image file ending in "
+                               f"{', '.join(data.IMAGE_SUFFIXES)}")
+    paths = denoised, f"{os.path.splitext(denoised)[0]}_compare.png"
     for path in paths:
         if os.path.exists(path) and os.path.samefile(path, image_path):
-            raise FileExistsError(f"{path} is the input image; choose another --out")
+            raise train.UsageError(f"{path} is the input image; choose another --out")
         if os.path.exists(path) and not force:
-            raise FileExistsError(f"{path} exists; pass --force to replace it, or choose "
-                                  f"another --out")
+            raise train.UsageError(f"{path} exists; pass --force to replace it, or choose "
+                                   f"another --out")
+    return paths
 
 
 # ---------------------------------------------------------------- command line
 
 
+def check_figure_path(path):
+    """Raise UsageError unless a figure can go to `path`: a .png, .pdf or .svg file name, and
+    if the file exists, a figure of that kind (never replace anything else)."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in FIGURE_MAGIC or os.path.isdir(path):
+        raise train.UsageError(f"--out {path}: name a figure file ending in "
+                               f"{', '.join(FIGURE_MAGIC)}")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            start = f.read(8) if os.path.isfile(path) else b""
+        if not start.startswith(FIGURE_MAGIC[suffix]):
+            raise train.UsageError(f"{path} exists and is not a {suffix[1:].upper()} figure; "
+                                   f"choose another --out")
+
+
+def save_figure(fig, path, show):
+    """Write `fig` to `path` atomically (a kill or a full disk leaves the old file whole)."""
+    try:
+        data.atomic_write(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:],
+                                                      dpi=120))
+    except OSError as e:
+        raise train.UsageError(f"cannot write {path}: {data.one_line(e, 200)}") from e
+    if show:
+        plt.show()
+    plt.close(fig)
+
+
 def levels_list(text):
     """argparse type for --levels: comma-separated numbers >= 0, e.g. 0.1,0.3,0.5."""
-    try:
-        return [data.nonnegative_float(part) for part in text.split(",")]
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        raise argparse.ArgumentTypeError(f"expected numbers >= 0 separated by commas: {e}")
+    return [train.nonnegative_float(part) for part in text.split(",")]
 
 
 def parse_args(argv=None):
     """Flags of visualize.py."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=train.HelpFormatter)
-    train.add_checkpoint_flag(p)
+    train.add_shared_flags(p, checkpoint_default=train.DEFAULT_CHECKPOINT)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--sweep", action="store_true",
                       help="score the model, a 3x3 median filter and a tuned Gaussian blur "
@@ -246,8 +265,8 @@ def parse_args(argv=None):
     what.add_argument("--image", metavar="PATH",
                       help="denoise this image file (any size, gray or colour) as it is")
     p.add_argument("--out", default=None,
-                   help="output file; default denoising.png, sweep.png or curves.png, and for "
-                        "--image NAME_denoised.png (plus NAME_denoised_compare.png) here")
+                   help="output file (default: denoising.png, sweep.png or curves.png here; "
+                        "for --image NAME.jpg, NAME_denoised.png and NAME_denoised_compare.png)")
     p.add_argument("--force", action="store_true",
                    help="--image: let the outputs replace existing files (never the input)")
     p.add_argument("--n", type=train.positive_int, default=8, help="number of test images")
@@ -262,85 +281,73 @@ def parse_args(argv=None):
     p.add_argument("--with", dest="others", nargs="+", default=[], metavar="CHECKPOINT",
                    help="--sweep: more checkpoints of the same data set to score beside "
                         "--checkpoint's model")
-    data.add_noise_flags(p, from_checkpoint=True)
-    data.add_data_dir_flag(p, default=None)
     p.add_argument("--show", action="store_true", help="also open the figure in a window")
-    return p, p.parse_args(argv)
-
-
-def _save(parser, fig, path, show):
-    try:
-        fig.savefig(path, dpi=120)
-    except (OSError, ValueError) as e:  # ValueError: a file type matplotlib cannot write
-        parser.exit(2, f"visualize.py: error: cannot write {path}: {data.one_line(e)}\n")
-    if show:
-        plt.show()
-    plt.close(fig)
+    return p.parse_args(argv)
 
 
 def main(argv=None):
-    """Load the checkpoint and draw what the flags ask for (see the module docstring)."""
-    parser, args = parse_args(argv)
+    """Load the checkpoint and draw what the flags ask for (see the module docstring). Returns
+    the exit code: 0; 2 (bad flags, checkpoint, data or output: one line); 130 on Ctrl-C."""
+    args = parse_args(argv)
     if not args.show:
         plt.switch_backend("Agg")  # draw to a file: no display needed
     try:
         checkpoint = train.load_checkpoint(args.checkpoint)
-        net = train.restore_model(checkpoint, args.checkpoint)
-    except train.CheckpointError as e:
-        parser.exit(2, f"visualize.py: error: {e}\n")
-    config = checkpoint["config"]
-    name = f"{arch_name(config)} autoencoder"
-    if args.curves:
-        history = checkpoint.get("history") or []
-        if not history:
-            parser.exit(2, f"visualize.py: error: {args.checkpoint} has no training history\n")
-        title = (f"{name}, {config['dataset']}, noise "
-                 f"{data.describe_noise(config['noise'], config['noise_level'])}")
-        _save(parser, draw_curves(history, title), args.out or "curves.png", args.show)
-        print(f"figure: {args.out or 'curves.png'} ({len(history)} epochs)")
-        return 0
-    if args.image:
-        return denoise_file(parser, args, net, config)
+        net = model.restore_model(checkpoint, args.checkpoint)
+        if args.image:
+            return image_command(args.image, net, checkpoint["config"], args.out, args.force,
+                                 args.show)
+        if args.curves:
+            return curves_command(checkpoint, args.out or "curves.png", args.show)
+        return figure_command(args, net, checkpoint["config"])
+    except (train.UsageError, data.DataError, model.CheckpointError) as e:
+        print(f"visualize.py: error: {data.one_line(e, 1000)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("visualize.py: stopped by SIGINT; no file was left half-written", file=sys.stderr)
+        return 130
+
+
+def figure_command(args, net, config):
+    """The default figure, or --sweep: the test set under the checkpoint's noise (or --noise)."""
+    out = args.out or ("sweep.png" if args.sweep else "denoising.png")
+    check_figure_path(out)
     try:
-        noise, level = data.resolve_noise(args.noise, args.noise_level, args.noise_std,
-                                          default=(config["noise"], config["noise_level"]))
+        noise = train.resolve_noise(args.noise, args.noise_level, args.noise_std,
+                                    default=train.Noise(config["noise"], config["noise_level"]))
+        for level in args.levels or []:
+            train.check_noise(train.Noise(noise.kind, level))
     except ValueError as e:
-        parser.exit(2, f"visualize.py: error: {e}\n")
-    try:
-        ds = data.load_dataset(config["dataset"], args.data_dir or config["data_dir"],
-                               channels=config["channels"],
-                               crop=config.get("crop") or data.DEFAULT_CROP)
-    except data.DataError as e:
-        parser.exit(2, f"visualize.py: error: {e}\n")
+        raise train.UsageError(f"{'--levels: ' if args.levels else ''}{e}") from e
+    ds = data.load_dataset(config["dataset"], args.data_dir or config["data_dir"],
+                           channels=config["channels"], crop=config.get("crop"))
     print(ds.note)
     if args.sweep:
-        return sweep_command(parser, args, net, config, ds, noise)
-
+        return sweep_command(net, config, ds, noise.kind, levels=args.levels, out=out,
+                             others=args.others, max_images=args.max_images, show=args.show)
     # The same noise draw as train.py's test metrics, so the numbers under the images agree.
-    noisy_all = train.fixed_noisy_test_set(ds.test_x, level, noise)  # N x C x H x W
+    noisy_all = train.fixed_noisy_test_set(ds.test_x, noise)  # N x C x H x W
     idx = pick_indices(len(ds.test_x), min(args.n, len(ds.test_x)), args.seed)  # n
     clean, noisy = ds.test_x[idx], noisy_all[idx]  # n x C x H x W each
     denoised = train.denoise(net, noisy)  # n x C x H x W
-    title = (f"{name}, {config['dataset']}, noise {data.describe_noise(noise, level)}: "
-             f"mean PSNR {train.psnr(noisy, clean):.1f} dB noisy -> "
-             f"{train.psnr(denoised, clean):.1f} dB denoised")
-    out = args.out or "denoising.png"
-    _save(parser, draw_comparison(noisy, clean, denoised, title), out, args.show)
+    title = (f"{arch_name(config)} autoencoder, {config['dataset']}, noise {noise}: mean PSNR "
+             f"{train.psnr(noisy, clean):.1f} dB noisy -> {train.psnr(denoised, clean):.1f} dB "
+             f"denoised")
+    save_figure(draw_comparison(noisy, clean, denoised, title), out, args.show)
     print(f"figure: {out} ({title})")
     return 0
 
 
 def arch_name(config):
     """The architecture, with its widths when they are not the default: 'unet', 'unet 32/64'."""
-    widths = [int(w) for w in config["widths"]]
-    if widths == list(models.DEFAULT_WIDTHS[config["arch"]]):
+    if list(config["widths"]) == list(model.ARCHS[config["arch"]].default_widths):
         return config["arch"]
-    return f"{config['arch']} {'/'.join(map(str, widths))}"
+    return f"{config['arch']} {'/'.join(map(str, config['widths']))}"
 
 
 def model_name(config):
     """How a sweep names a model: its architecture and training noise, e.g. 'unet, sigma 0.5'."""
-    return f"{arch_name(config)}, {data.describe_noise(config['noise'], config['noise_level'])}"
+    return f"{arch_name(config)}, {train.Noise(config['noise'], config['noise_level'])}"
 
 
 def load_others(paths, config):
@@ -351,62 +358,57 @@ def load_others(paths, config):
         other = train.load_checkpoint(path)
         theirs = (other["config"]["dataset"], other["config"]["channels"])
         if theirs != (config["dataset"], config["channels"]):
-            raise train.CheckpointError(f"--with {path} was trained on {theirs[0]} ({theirs[1]} "
+            raise model.CheckpointError(f"--with {path} was trained on {theirs[0]} ({theirs[1]} "
                                         f"channels), not on {config['dataset']} "
                                         f"({config['channels']})")
         name = model_name(other["config"])
         nets[name if name not in nets and name != model_name(config)
-             else f"{name} ({os.path.basename(path)})"] = train.restore_model(other, path)
+             else f"{name} ({os.path.basename(path)})"] = model.restore_model(other, path)
     return nets
 
 
-def sweep_command(parser, args, net, config, ds, noise):
+def sweep_command(net, config, ds, kind, *, levels, out, others, max_images, show):
     """--sweep: print the markdown table and save the PSNR-vs-level figure."""
-    levels = args.levels or SWEEP_LEVELS[noise]
-    try:
-        for level in levels:
-            data.check_noise(noise, level)
-    except ValueError as e:
-        parser.exit(2, f"visualize.py: error: --levels: {e}\n")
-    test_clean = ds.test_x[: args.max_images]  # N x C x H x W
-    crop = config.get("crop") or data.DEFAULT_CROP  # a folder's images are cropped as in training
-    tune_clean = data.epoch_images(ds.train_x, crop, 0, 0)[:TUNE_IMAGES]  # T x C x H x W
-    try:
-        nets = {model_name(config): net, **load_others(args.others, config)}
-    except train.CheckpointError as e:
-        parser.exit(2, f"visualize.py: error: {e}\n")
-    rows = sweep(nets, test_clean, tune_clean, noise, levels)
+    nets = {model_name(config): net, **load_others(others, config)}
+    test_clean = ds.test_x[:max_images]  # N x C x H x W
+    # a folder's training images are cropped as in training
+    tune_clean = data.epoch_images(ds.train_x, config.get("crop"), 0, 0)[:TUNE_IMAGES]
+    rows = sweep(nets, test_clean, tune_clean, kind, levels or SWEEP_LEVELS[kind])
     print(f"{config['dataset']}: {len(test_clean):,} test images, the same noise draw for every "
           f"method; blur width tuned per level on {len(tune_clean)} training images")
-    print(sweep_table(rows, noise))
-    title = f"{config['dataset']}, {noise} noise, {len(test_clean):,} test images"
-    fig = draw_sweep(rows, noise, title)
-    out = args.out or "sweep.png"
-    _save(parser, fig, out, args.show)
+    print(sweep_table(rows, kind))
+    title = f"{config['dataset']}, {kind} noise, {len(test_clean):,} test images"
+    save_figure(draw_sweep(rows, kind, title), out, show)
     print(f"figure: {out}")
     return 0
 
 
-def denoise_file(parser, args, net, config):
+def curves_command(checkpoint, out, show):
+    """--curves: training loss and test PSNR per epoch, from the checkpoint's history."""
+    check_figure_path(out)
+    config, history = checkpoint["config"], checkpoint.get("history") or []
+    if not history:
+        raise train.UsageError("the checkpoint has no training history")
+    title = (f"{arch_name(config)} autoencoder, {config['dataset']}, noise "
+             f"{train.Noise(config['noise'], config['noise_level'])}")
+    save_figure(draw_curves(history, title), out, show)
+    print(f"figure: {out} ({len(history)} epochs)")
+    return 0
+
+
+def image_command(image_path, net, config, out, force, show):
     """--image PATH: denoise the file, save the result and an input | denoised figure."""
-    try:
-        image = data.to_float(data.read_image(args.image, config["channels"]))  # C x H x W
-    except data.DataError as e:
-        parser.exit(2, f"visualize.py: error: {e}\n")
-    out, compare = image_outputs(args.image, args.out)
-    try:
-        refuse_overwrites([out, compare], args.image, args.force)
-    except FileExistsError as e:
-        parser.exit(2, f"visualize.py: error: {e}\n")
-    denoised = denoise_image(net, image, 2 ** len(config["widths"]))  # C x H x W
+    out, compare = image_outputs(image_path, out, force)
+    image = data.to_float(data.read_image(image_path, config["channels"]))  # C x H x W
+    denoised = denoise_image(net, image, model.size_multiple(config["widths"]))  # C x H x W
     try:
         save_image(denoised, out)
-    except (OSError, ValueError, KeyError) as e:  # KeyError: PIL knows no such suffix
-        parser.exit(2, f"visualize.py: error: cannot write {out}: {data.one_line(e)}\n")
-    title = (f"{args.image} ({image.shape[-1]}x{image.shape[-2]}), {arch_name(config)} trained on "
-             f"{config['dataset']} at noise "
-             f"{data.describe_noise(config['noise'], config['noise_level'])}")
-    _save(parser, draw_side_by_side(image, denoised, title), compare, args.show)
+    except (OSError, ValueError, KeyError) as e:  # KeyError: Pillow cannot write that format
+        raise train.UsageError(f"cannot write {out}: {data.one_line(e, 200)}") from e
+    noise = train.Noise(config["noise"], config["noise_level"])
+    title = (f"{image_path} ({image.shape[-1]}x{image.shape[-2]}), {arch_name(config)} trained "
+             f"on {config['dataset']} at noise {noise}")
+    save_figure(draw_side_by_side(image, denoised, title), compare, show)
     print(f"denoised: {out}; side by side: {compare}")
     return 0
 

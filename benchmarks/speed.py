@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import model as models  # noqa: E402
+import model  # noqa: E402
 import train  # noqa: E402
 
 TUTORIAL_BATCH_SIZE = 128
@@ -61,7 +61,8 @@ def project_run(net, images, steps, batch_size, noise_std, seed, fused=False):
     generator = torch.Generator().manual_seed(seed)
     subset = images[: steps * batch_size]  # N x 1 x 28 x 28, already in memory
     start = time.perf_counter()
-    train.train_epoch(net, optimizer, subset, batch_size, noise_std, generator)
+    noise = train.Noise("gaussian", noise_std)
+    train.train_epoch(net, optimizer, subset, generator, noise=noise, batch_size=batch_size)
     return len(subset) / (time.perf_counter() - start)
 
 
@@ -111,25 +112,17 @@ def variant_list(text):
     return names
 
 
-def eval_throughput(net, clean, noise_std):
-    """Images per second of denoising the whole test set (as train.py scores each epoch)."""
-    noisy = train.fixed_noisy_test_set(clean, noise_std)  # N x 1 x 28 x 28
-    net = net.to(memory_format=torch.channels_last)
-    train.denoise(net, noisy[:1000])  # warm-up
-    start = time.perf_counter()
-    train.denoise(net, noisy)
-    return len(noisy) / (time.perf_counter() - start)
-
-
-def scoring_seconds(net, clean, noise_std):
-    """Seconds of one test-set evaluation as train.py runs it after every epoch: denoise, then
-    PSNR and SSIM."""
-    noisy = train.fixed_noisy_test_set(clean, noise_std)  # N x 1 x 28 x 28
+def evaluation_speed(net, clean, noise_std):
+    """How fast train.py scores the test set after every epoch: (images per second of
+    denoising it, seconds of the whole evaluation: denoise, then PSNR and SSIM)."""
+    noisy = train.fixed_noisy_test_set(clean, train.Noise("gaussian", noise_std))  # N x C x H x W
     net = net.to(memory_format=torch.channels_last)
     train.evaluate(net, noisy[:1000], clean[:1000])  # warm-up
     start = time.perf_counter()
+    train.denoise(net, noisy)
+    middle = time.perf_counter()
     train.evaluate(net, noisy, clean)
-    return time.perf_counter() - start
+    return len(noisy) / (middle - start), time.perf_counter() - middle
 
 
 def training_flops_per_image(net, shape):
@@ -160,10 +153,12 @@ def profile_steps(net, images, steps, batch_size, noise_std, rows=12):
     net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
-    train.train_epoch(net, optimizer, images[: 5 * batch_size], batch_size, noise_std, generator)
+    noise = train.Noise("gaussian", noise_std)
+    train.train_epoch(net, optimizer, images[: 5 * batch_size], generator, noise=noise,
+                      batch_size=batch_size)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        train.train_epoch(net, optimizer, images[: steps * batch_size], batch_size, noise_std,
-                          generator)
+        train.train_epoch(net, optimizer, images[: steps * batch_size], generator, noise=noise,
+                          batch_size=batch_size)
     return prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
                                                               row_limit=rows)
 
@@ -172,10 +167,11 @@ def main(argv=None):
     """Run the pairs and print images/s, ratios, evaluation speed and hardware utilisation."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=train.HelpFormatter)
-    data.add_data_dir_flag(p)
+    train.add_data_dir_flag(p)
     p.add_argument("--pairs", type=train.positive_int, default=3, help="A, B pairs to run")
     p.add_argument("--steps", type=train.positive_int, default=150, help="training steps per run")
-    train.add_batch_size_flag(p)  # the project's loop; the tutorial's is fixed at 128
+    # the project's loop; the tutorial's is fixed at 128
+    train.add_batch_size_flag(p, default=train.RUN_DEFAULTS["batch_size"])
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's table for 30 steps of the project's loop")
     p.add_argument("--variants", type=variant_list, default=[],
@@ -183,14 +179,14 @@ def main(argv=None):
                         + ", ".join(VARIANTS))
     args = p.parse_args(argv)
 
-    ds = data.load_dataset("mnist", args.data_dir)
+    ds = data.load_dataset("mnist", args.data_dir or "data")
     print(ds.note)
     steps = min(args.steps, len(ds.train_x) // max(args.batch_size, TUTORIAL_BATCH_SIZE))
     if steps == 0:
         p.error(f"--batch-size {args.batch_size} is larger than the {len(ds.train_x):,} "
                 f"training images")
     with tempfile.TemporaryDirectory(prefix="speed-mnist-") as scratch:
-        root = args.data_dir
+        root = args.data_dir or "data"
         if not data.raw_files_present("mnist", root):
             # offline: give the tutorial pipeline the same sample, in torchvision's layout
             root = scratch
@@ -205,12 +201,12 @@ def main(argv=None):
 def measure(ds, root, steps, batch_size, pairs, profile, variants=(), noise_std=0.5):
     """The measurements main prints: pairs of runs, evaluation speed, FLOPs, the variants of
     the project's loop asked for (VARIANTS), a profile."""
-    config = models.model_config()
+    config = model.model_config()
     torch.manual_seed(0)
-    initial = models.build_model(config).state_dict()
+    initial = model.build_model(config).state_dict()
 
     def fresh():
-        net = models.build_model(config)
+        net = model.build_model(config)
         net.load_state_dict(initial)
         return net
 
@@ -227,11 +223,10 @@ def measure(ds, root, steps, batch_size, pairs, profile, variants=(), noise_std=
               f"ratio {b / a:.2f}x", flush=True)
     print(f"median ratio (project / tutorial): {statistics.median(ratios):.2f}x")
 
-    net = fresh()
-    print(f"evaluation: {eval_throughput(net, ds.test_x, noise_std):,.0f} img/s "
-          f"(denoising {len(ds.test_x):,} test images, batches of {train.EVAL_BATCH_SIZE})")
-    print(f"evaluation after each epoch (denoise + PSNR + SSIM): "
-          f"{scoring_seconds(fresh(), ds.test_x, noise_std):.2f} s")
+    denoising, evaluation = evaluation_speed(fresh(), ds.test_x, noise_std)
+    print(f"evaluation: {denoising:,.0f} img/s (denoising {len(ds.test_x):,} test images, "
+          f"batches of {train.EVAL_BATCH_SIZE})")
+    print(f"evaluation after each epoch (denoise + PSNR + SSIM): {evaluation:.2f} s")
     flops = training_flops_per_image(fresh(), tuple(ds.train_x.shape[1:]))
     peak = matmul_flops_per_second()
     achieved = flops * statistics.median(project_speeds)
