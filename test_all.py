@@ -1190,6 +1190,14 @@ def test_checkpoint_from_before_noise_types_still_loads(tmp_path):
     assert (config["noise"], config["noise_level"]) == ("gaussian", 0.3)
 
 
+def test_a_resume_reads_noise_flags_against_the_checkpoints_noise(one_epoch, capsys):
+    salt = {"noise": "salt-pepper", "noise_level": 0.2}
+    args = train.parse_args(["--noise-level", "0.2"])  # the level alone: of the checkpoint's type
+    assert train.resume_flags(args, salt) == salt
+    exits_2(train.main, ["--resume", one_epoch, "--epochs", "2", "--noise-level", "0.5",
+                         "--noise-std", "0.2"], capsys, "not both")
+
+
 def test_a_resume_never_replaces_an_unrelated_file(tmp_path, one_epoch, capsys):
     precious = tmp_path / "precious.pt"
     precious.write_bytes(b"someone's work")

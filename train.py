@@ -318,8 +318,8 @@ def check_history(history):
 
 
 def open_resume(path, given, epochs):
-    """Load a checkpoint to resume and check it against the run-defining flags given ({key:
-    value}) and the epochs asked for. Raises model.CheckpointError with one line."""
+    """Load a checkpoint to resume and check it against the run-defining flags given
+    (given(config) -> {key: value}) and the epochs asked for. Raises model.CheckpointError."""
     checkpoint = load_checkpoint(path)
     config = checkpoint["config"]
     schedule, planned = config["lr_schedule"], config.get("epochs")
@@ -341,7 +341,7 @@ def open_resume(path, given, epochs):
         raise model.CheckpointError(f"checkpoint {path} cannot be resumed: its epoch, history, "
                                     f"random state and position do not agree")
     conflicts = [f"--{k.replace('_', '-')} {v} (the checkpoint has {config.get(k)})"
-                 for k, v in given.items() if v != config.get(k)]
+                 for k, v in given(config).items() if v != config.get(k)]
     if conflicts:
         raise model.CheckpointError(f"--resume {path}: flags contradict the checkpoint: "
                                     + "; ".join(conflicts))
@@ -443,8 +443,8 @@ def main(argv=None):
 
 def run_training(args, stop):
     """The run that the flags ask for, step by step; returns the exit code."""
-    checkpoint = (open_resume(args.resume, resume_flags(args), args.epochs) if args.resume
-                  else None)
+    checkpoint = (open_resume(args.resume, lambda config: resume_flags(args, config), args.epochs)
+                  if args.resume else None)
     settings = checkpoint["config"] if checkpoint else new_run_settings(args)
     path = output_path(args.checkpoint, args.resume)
     with data.exclusive(path):  # no other run writes this file meanwhile
@@ -609,7 +609,9 @@ def train_epochs(state, config, *, train_x, test, path, epochs, history, positio
 
 def kept(path, history):
     """What the checkpoint file holds now, for an error line."""
-    return f"{path} keeps epoch {len(history)}" if history else "nothing saved"
+    if history:
+        return f"{path} keeps epoch {len(history)}"
+    return f"{path} is as it was" if os.path.exists(path) else "nothing saved"
 
 
 def fail(code, message):
@@ -679,13 +681,16 @@ def new_run_settings(args):
     return settings
 
 
-def resume_flags(args):
-    """The run-defining flags given on a resume, as {config key: value}, to check against it."""
+def resume_flags(args, config):
+    """The run-defining flags given on a resume, as {config key: value}, to check against its
+    config (a noise flag left out means the checkpoint's)."""
     given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
-    if (args.noise, args.noise_level, args.noise_std) != (None, None, None):
-        noise = resolve_noise(args.noise, args.noise_level, args.noise_std)
-        given.update(noise=noise.kind, noise_level=noise.level)
-    return given
+    try:
+        noise = resolve_noise(args.noise, args.noise_level, args.noise_std,
+                              default=Noise(config["noise"], config["noise_level"]))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return {**given, "noise": noise.kind, "noise_level": noise.level}
 
 
 def output_path(checkpoint, resume):
