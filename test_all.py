@@ -1521,6 +1521,22 @@ def test_figures_never_replace_other_files_and_need_a_figure_name(tmp_path, one_
     assert figure.read_bytes().startswith(b"%PDF")
 
 
+def test_a_full_disk_while_drawing_keeps_the_previous_figure(one_epoch, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    assert visualize.main(["--checkpoint", str(one_epoch), "--curves"]) == 0
+    before = open("curves.png", "rb").read()
+
+    def half_then_full(self, f, **kwargs):
+        f.write(b"\x89PNG half a figure")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_full)
+    exits_2(visualize.main, ["--checkpoint", one_epoch, "--curves"], capsys,
+            "cannot write", "No space left on device")
+    assert open("curves.png", "rb").read() == before and os.listdir(".") == ["curves.png"]
+
+
 def test_ctrl_c_in_visualize_is_one_line_and_130(one_epoch, monkeypatch, capsys):
     def interrupted(*args):
         raise KeyboardInterrupt
