@@ -118,7 +118,8 @@ def load_torchvision(name, data_dir):
     try:
         train, test = cls(data_dir, train=True), cls(data_dir, train=False)
     except Exception as e:  # truncated or foreign files: name them instead of a traceback
-        raise DataError(f"cannot read {name} files in {data_dir}: {one_line(e)}") from e
+        reason = one_line(e) if str(e).strip() else f"not in the expected format ({e!r})"
+        raise DataError(f"cannot read {name} files in {data_dir}: {reason}") from e
     # MNIST's uint8 N x H x W; CIFAR's N x H x W x 3 -> N x C x H x W
     train_x, test_x = (torch.as_tensor(s.data) for s in (train, test))
     train_x, test_x = ((x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2))

@@ -924,13 +924,15 @@ def test_widths_flag_builds_the_model_the_checkpoint_records(tmp_path, capsys):
 
 
 def test_flags_that_would_fail_later_are_refused_up_front(capsys):
-    cases = [(["--checkpoint", ""], "must name a file"),
+    cases = [(["--checkpoint", ""], "must name a regular file"),
              (["--dataset", "folder", "--crop", "4"], "--crop"),
              (["--batch-size", str(10 ** 30)], "--batch-size"),
              (["--noise", "poisson", "--noise-level", "1e39"], "from 0.001 to 1e+09"),
              (["--noise", "poisson", "--noise-level", "1e-30"], "from 0.001 to 1e+09"),
              (["--noise-std", "1e30"], "from 0 to 100"),
-             (["--epochs", str(10 ** 12)], "--epochs")]
+             (["--epochs", str(10 ** 12)], "--epochs"),
+             (["--checkpoint", "/dev/null", "--overwrite"], "must name a regular file"),
+             (["--device", "meta"], "device 'meta' cannot be used")]
     for argv, message in cases:
         exits_2(train.main, argv, capsys, message)
 
@@ -1328,7 +1330,13 @@ def test_crafted_checkpoint_fields_are_one_line_before_any_work(tmp_path, one_ep
              "bad-rng": {"rng": {"generator": torch.zeros(3, dtype=torch.uint8),
                                  "torch_cpu": torch.zeros(3, dtype=torch.uint8)}},
              "bad-optimizer": {"optimizer": {"state": {}, "param_groups": "x"}},
-             "bad-position": {"position": {"order": torch.arange(5), "step": 999}}}
+             "bad-position": {"position": {"order": torch.arange(5), "step": 999}},
+             "order-not-a-permutation": {"position": {"order": torch.zeros(4000).long(),
+                                                      "step": 1, "loss_sum": 0.5}},
+             "two-channels": {"config_channels": 2},
+             "zero-batch-size": {"config_batch_size": 0},
+             "text-lr": {"config_lr": "x"},
+             "negative-seed": {"config_seed": -1}}
     for name, changes in cases.items():
         path = _crafted(tmp_path / f"{name}.pt", one_epoch, **changes)
         err = exits_2(train.main, ["--resume", path, "--epochs", "2"], capsys, f"{name}.pt")
@@ -1535,6 +1543,12 @@ def test_a_full_disk_while_drawing_keeps_the_previous_figure(one_epoch, monkeypa
     exits_2(visualize.main, ["--checkpoint", one_epoch, "--curves"], capsys,
             "cannot write", "No space left on device")
     assert open("curves.png", "rb").read() == before and os.listdir(".") == ["curves.png"]
+
+
+def test_a_missing_image_is_one_line_even_when_its_output_exists(one_epoch, capsys):
+    open("gone_denoised.png", "wb").close()
+    exits_2(visualize.main, ["--checkpoint", str(one_epoch), "--image", "gone.jpg"], capsys,
+            "gone.jpg: not a regular file")
 
 
 def test_ctrl_c_in_visualize_is_one_line_and_130(one_epoch, monkeypatch, capsys):

@@ -58,6 +58,11 @@ class Noise(NamedTuple):
             f"{v:g}" for v in level)
 
 
+def config_noise(config):
+    """The Noise a checkpoint config records."""
+    return Noise(config["noise"], config["noise_level"])
+
+
 def add_noise(images, noise, generator):
     """Noisy copies of `images` (N x C x H x W in [0, 1]), clipped to [0, 1].
 
@@ -295,7 +300,9 @@ def load_checkpoint(path):
         if not all(isinstance(config[k], str) for k in ("arch", "dataset", "data_dir", "noise")):
             raise ValueError("arch, dataset, data_dir and noise must be strings")
         model.model_config(config["arch"], config["channels"], config["widths"])
-        check_noise(Noise(config["noise"], config["noise_level"]))
+        if config["channels"] not in (1, 3):  # what the data sets and figures handle
+            raise ValueError(f"channels must be 1 or 3, got {config['channels']!r}")
+        check_noise(config_noise(config))
         crop, multiple = config.get("crop"), model.size_multiple(config["widths"])
         if crop is not None and not (type(crop) is int and crop >= SSIM_WINDOW
                                      and crop % multiple == 0):
@@ -333,6 +340,15 @@ def open_resume(path, given, epochs):
     if missing:
         raise model.CheckpointError(f"checkpoint {path} cannot be resumed: it has no "
                                     f"{', '.join(missing)} (not written by this train.py)")
+    try:  # the flags' own checks, for what the checkpoint says instead of them
+        positive_int(str(config["batch_size"])), positive_float(str(config["lr"]))
+        seed_int(str(config["seed"]))
+        if not all(type(config[k]) is t for k, t in (("batch_size", int), ("seed", int))):
+            raise argparse.ArgumentTypeError("batch_size and seed must be integers")
+    except argparse.ArgumentTypeError as e:
+        raise model.CheckpointError(f"checkpoint {path} has unusable run settings (batch_size "
+                                    f"{config['batch_size']!r}, lr {config['lr']!r}, seed "
+                                    f"{config['seed']!r}): {e}") from e
     done, position = checkpoint["epoch"], checkpoint["position"]
     if type(done) is not int or done != len(checkpoint["history"]) or not isinstance(
             checkpoint["rng"], dict) or not (
@@ -368,13 +384,16 @@ def restore_state(state, checkpoint, path, images_per_epoch):
                                             != state.scheduler.total_steps):
             raise ValueError(f"its lr schedule has {checkpoint['scheduler'].get('total_steps')} "
                              f"steps, this data gives {state.scheduler.total_steps}")
-        if position is not None and not (0 <= position["step"] <= steps_per_epoch and len(
-                position["order"]) == images_per_epoch and isinstance(position.get(
-                    "loss_sum"), float)):
+        if position is not None and not (0 <= position["step"] <= steps_per_epoch and isinstance(
+                position.get("loss_sum"), float) and torch.equal(position["order"].sort().values,
+                                                                 torch.arange(images_per_epoch))):
             raise ValueError(f"its interrupted epoch (step {position['step']}, "
                              f"{len(position['order'])} images) does not fit this data "
                              f"({images_per_epoch} images, {steps_per_epoch} steps per epoch)")
         state.optimizer.load_state_dict(checkpoint["optimizer"])
+        for param, moments in state.optimizer.state.items():  # else Adam fails mid-epoch
+            if any(m.shape != param.shape for m in moments.values() if m.dim() > 0):
+                raise ValueError("its optimizer state does not fit the model's weights")
         if state.scheduler is not None:
             state.scheduler.load_state_dict(checkpoint["scheduler"])
         state.generator.set_state(checkpoint["rng"]["generator"])
@@ -558,7 +577,7 @@ class TestSet(NamedTuple):
 
 def scored_test_set(clean, config):
     """The TestSet of a run; prints the noisy input's scores, the baseline."""
-    noise = Noise(config["noise"], config["noise_level"])
+    noise = config_noise(config)
     noisy = fixed_noisy_test_set(clean, noise)  # N x C x H x W
     baseline = psnr(noisy, clean)
     print(f"noisy input ({noise}): test PSNR {baseline:.2f} dB, SSIM {ssim(noisy, clean):.4f}")
@@ -570,7 +589,7 @@ def train_epochs(state, config, *, train_x, test, path, epochs, history, positio
     exit code. A stop signal saves a resumable checkpoint inside the epoch."""
     from tqdm import tqdm
 
-    noise, batch_size = Noise(config["noise"], config["noise_level"]), config["batch_size"]
+    noise, batch_size = config_noise(config), config["batch_size"]
     for epoch in range(len(history) + 1, epochs + 1):
         start = time.perf_counter()
         images = data.epoch_images(train_x, config["crop"], config["seed"], epoch)
@@ -593,9 +612,9 @@ def train_epochs(state, config, *, train_x, test, path, epochs, history, positio
         test_psnr, test_ssim = evaluate(state.net, test.noisy, test.clean)
         history = history + [{"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr,
                               "test_ssim": test_ssim, "seconds": time.perf_counter() - start}]
-        print(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
-              f"SSIM {test_ssim:.4f}  {history[-1]['seconds']:.1f} s  "
-              f"{len(images) / seconds:,.0f} img/s", flush=True)
+        say(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
+            f"SSIM {test_ssim:.4f}  {history[-1]['seconds']:.1f} s  "
+            f"{len(images) / seconds:,.0f} img/s")
         if stop["signal"] is not None and epoch < epochs:  # came during the evaluation
             return save_stop(make_checkpoint(state, config, history), path, stop, epochs,
                              f"after epoch {epoch}")
@@ -616,8 +635,15 @@ def kept(path, history):
 
 def fail(code, message):
     """Print `message` as train.py's one error line; return `code`."""
-    print(f"train.py: error: {message}", file=sys.stderr)
+    say(f"train.py: error: {message}", sys.stderr)
     return code
+
+
+def say(line, stream=None):
+    """Print a line (to stdout by default); a closed terminal (SIGHUP) must not turn a saved
+    stop into a traceback."""
+    with contextlib.suppress(OSError):
+        print(line, file=stream or sys.stdout, flush=True)
 
 
 def save_stop(checkpoint, path, stop, epochs, where):
@@ -629,8 +655,8 @@ def save_stop(checkpoint, path, stop, epochs, where):
     except (OSError, StopRequest) as e:
         return fail(code, f"stopped by {name} {where}, but the checkpoint could not be written "
                           f"({data.one_line(e, 200)}); {kept(path, checkpoint['history'])}")
-    print(f"train.py: stopped by {name} {where}; saved {path}; resume with: "
-          f"python train.py --resume {path} --epochs {epochs}", file=sys.stderr)
+    say(f"train.py: stopped by {name} {where}; saved {path}; resume with: "
+        f"python train.py --resume {path} --epochs {epochs}", sys.stderr)
     return code
 
 
@@ -687,7 +713,7 @@ def resume_flags(args, config):
     given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
     try:
         noise = resolve_noise(args.noise, args.noise_level, args.noise_std,
-                              default=Noise(config["noise"], config["noise_level"]))
+                              default=config_noise(config))
     except ValueError as e:
         raise UsageError(str(e)) from e
     return {**given, "noise": noise.kind, "noise_level": noise.level}
@@ -697,8 +723,9 @@ def output_path(checkpoint, resume):
     """Where this run writes: --checkpoint, else the resumed file, else the default. Raises
     UsageError, before any work, if no file can be written there."""
     path = checkpoint if checkpoint is not None else resume or DEFAULT_CHECKPOINT
-    if not path.strip() or path.endswith(os.sep) or os.path.isdir(path):
-        raise UsageError(f"--checkpoint {path!r} must name a file")
+    if not path.strip() or path.endswith(os.sep) or os.path.exists(path) and not os.path.isfile(
+            path):
+        raise UsageError(f"--checkpoint {path!r} must name a regular file")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
@@ -728,7 +755,7 @@ def open_device(name, amp):
                 else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
-        torch.empty(0, device=device)
+        torch.ones(1, device=device).add(1).cpu()  # a device that cannot compute fails here
     except Exception as e:  # torch says it in many ways: RuntimeError, AssertionError, ...
         raise UsageError(f"device {name!r} cannot be used: {data.one_line(e, 200)}") from e
     if amp and device.type != "cuda":  # CPUs without bfloat16 units only get slower
@@ -811,9 +838,10 @@ def add_shared_flags(parser, checkpoint_default):
     """Declare the flags train.py and visualize.py share: --checkpoint, --data-dir and the
     noise flags (visualize.py: None means the checkpoint's)."""
     parser.add_argument("--checkpoint", default=checkpoint_default,
-                        help=f"checkpoint file (default: {DEFAULT_CHECKPOINT}; train.py on "
-                             f"--resume: the resumed file); train.py writes it after every "
-                             f"epoch, visualize.py reads it")
+                        help=f"checkpoint file; train.py writes it after every epoch, "
+                             f"visualize.py reads it (default: {DEFAULT_CHECKPOINT}; train.py "
+                             f"--resume: the resumed file)" if checkpoint_default is None else
+                        "the checkpoint to read")
     add_data_dir_flag(parser)
     meanings = "; ".join(f"{k}: {m} (default {d:g})" for k, (m, d, _) in NOISES.items())
     parser.add_argument("--noise", choices=NOISES, default=None,
@@ -838,8 +866,8 @@ def add_data_dir_flag(parser):
 def add_batch_size_flag(parser, default=None):
     """Declare --batch-size (shared by train.py and benchmarks/speed.py)."""
     parser.add_argument("--batch-size", type=bounded(int, 1, 2 ** 24, "from 1 to 2**24"),
-                        default=default, help=f"images per optimizer step (default: "
-                                              f"{RUN_DEFAULTS['batch_size']})")
+                        default=default, help="images per optimizer step" + (
+                            f" (default: {RUN_DEFAULTS['batch_size']})" if default is None else ""))
 
 
 def parse_args(argv=None):
@@ -878,7 +906,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast for the forward pass (CUDA only)")
     p.add_argument("--deterministic", action="store_true",
-                   help="use only deterministic algorithms (matters on CUDA; see README)")
+                   help="use only deterministic algorithms (matters on CUDA; see "
+                        "docs/reference.md)")
     p.add_argument("--overwrite", action="store_true",
                    help="let this run replace an existing --checkpoint file")
     p.add_argument("--resume", metavar="CHECKPOINT",

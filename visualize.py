@@ -202,6 +202,8 @@ def image_outputs(image_path, out, force):
     """(denoised image, side-by-side figure) paths for --image: `out`, else NAME_denoised.png
     here for NAME.jpg, and the figure beside it as ..._compare.png. Raises UsageError if one
     would replace the input, or an existing file without `force`."""
+    if not os.path.isfile(image_path):  # a missing file, a folder, or a FIFO that would block
+        raise train.UsageError(f"cannot read image {image_path}: not a regular file")
     denoised = out or f"{os.path.splitext(os.path.basename(image_path))[0]}_denoised.png"
     if os.path.splitext(denoised)[1].lower() not in data.IMAGE_SUFFIXES:
         raise train.UsageError(f"--out {denoised}: name an image file ending in "
@@ -314,11 +316,14 @@ def figure_command(args, net, config):
     check_figure_path(out)
     try:
         noise = train.resolve_noise(args.noise, args.noise_level, args.noise_std,
-                                    default=train.Noise(config["noise"], config["noise_level"]))
-        for level in args.levels or []:
-            train.check_noise(train.Noise(noise.kind, level))
+                                    default=train.config_noise(config))
     except ValueError as e:
-        raise train.UsageError(f"{'--levels: ' if args.levels else ''}{e}") from e
+        raise train.UsageError(str(e)) from e
+    for level in args.levels or []:
+        try:
+            train.check_noise(train.Noise(noise.kind, level))
+        except ValueError as e:
+            raise train.UsageError(f"--levels: {e}") from e
     ds = data.load_dataset(config["dataset"], args.data_dir or config["data_dir"],
                            channels=config["channels"], crop=config.get("crop"))
     print(ds.note)
@@ -330,7 +335,7 @@ def figure_command(args, net, config):
     idx = pick_indices(len(ds.test_x), min(args.n, len(ds.test_x)), args.seed)  # n
     clean, noisy = ds.test_x[idx], noisy_all[idx]  # n x C x H x W each
     denoised = train.denoise(net, noisy)  # n x C x H x W
-    title = (f"{arch_name(config)} autoencoder, {config['dataset']}, noise {noise}: mean PSNR "
+    title = (f"{arch_name(config)} autoencoder, {ds.name}, noise {noise}: mean PSNR "
              f"{train.psnr(noisy, clean):.1f} dB noisy -> {train.psnr(denoised, clean):.1f} dB "
              f"denoised")
     save_figure(draw_comparison(noisy, clean, denoised, title), out, args.show)
@@ -347,12 +352,13 @@ def arch_name(config):
 
 def model_name(config):
     """How a sweep names a model: its architecture and training noise, e.g. 'unet, sigma 0.5'."""
-    return f"{arch_name(config)}, {train.Noise(config['noise'], config['noise_level'])}"
+    return f"{arch_name(config)}, {train.config_noise(config)}"
 
 
-def load_others(paths, config):
+def load_others(paths, config, size):
     """The models of the --with checkpoints, {name: model}; each must have been trained on the
-    data set and channels of `config`. Raises CheckpointError with one line."""
+    data set and channels of `config` and fit images of `size` (H, W). Raises CheckpointError
+    with one line."""
     nets = {}
     for path in paths:
         other = train.load_checkpoint(path)
@@ -361,6 +367,11 @@ def load_others(paths, config):
             raise model.CheckpointError(f"--with {path} was trained on {theirs[0]} ({theirs[1]} "
                                         f"channels), not on {config['dataset']} "
                                         f"({config['channels']})")
+        multiple = model.size_multiple(other["config"]["widths"])
+        if any(side % multiple for side in size):
+            raise model.CheckpointError(f"--with {path}: its model needs image sides that are "
+                                        f"multiples of {multiple}, and these are "
+                                        f"{size[0]}x{size[1]}")
         name = model_name(other["config"])
         nets[name if name not in nets and name != model_name(config)
              else f"{name} ({os.path.basename(path)})"] = model.restore_model(other, path)
@@ -369,15 +380,15 @@ def load_others(paths, config):
 
 def sweep_command(net, config, ds, kind, *, levels, out, others, max_images, show):
     """--sweep: print the markdown table and save the PSNR-vs-level figure."""
-    nets = {model_name(config): net, **load_others(others, config)}
+    nets = {model_name(config): net, **load_others(others, config, ds.test_x.shape[-2:])}
     test_clean = ds.test_x[:max_images]  # N x C x H x W
     # a folder's training images are cropped as in training
     tune_clean = data.epoch_images(ds.train_x, config.get("crop"), 0, 0)[:TUNE_IMAGES]
     rows = sweep(nets, test_clean, tune_clean, kind, levels or SWEEP_LEVELS[kind])
-    print(f"{config['dataset']}: {len(test_clean):,} test images, the same noise draw for every "
+    print(f"{ds.name}: {len(test_clean):,} test images, the same noise draw for every "
           f"method; blur width tuned per level on {len(tune_clean)} training images")
     print(sweep_table(rows, kind))
-    title = f"{config['dataset']}, {kind} noise, {len(test_clean):,} test images"
+    title = f"{ds.name}, {kind} noise, {len(test_clean):,} test images"
     save_figure(draw_sweep(rows, kind, title), out, show)
     print(f"figure: {out}")
     return 0
@@ -390,7 +401,7 @@ def curves_command(checkpoint, out, show):
     if not history:
         raise train.UsageError("the checkpoint has no training history")
     title = (f"{arch_name(config)} autoencoder, {config['dataset']}, noise "
-             f"{train.Noise(config['noise'], config['noise_level'])}")
+             f"{train.config_noise(config)}")
     save_figure(draw_curves(history, title), out, show)
     print(f"figure: {out} ({len(history)} epochs)")
     return 0
@@ -405,7 +416,7 @@ def image_command(image_path, net, config, out, force, show):
         save_image(denoised, out)
     except (OSError, ValueError, KeyError) as e:  # KeyError: Pillow cannot write that format
         raise train.UsageError(f"cannot write {out}: {data.one_line(e, 200)}") from e
-    noise = train.Noise(config["noise"], config["noise_level"])
+    noise = train.config_noise(config)
     title = (f"{image_path} ({image.shape[-1]}x{image.shape[-2]}), {arch_name(config)} trained "
              f"on {config['dataset']} at noise {noise}")
     save_figure(draw_side_by_side(image, denoised, title), compare, show)

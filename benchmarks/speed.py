@@ -179,7 +179,10 @@ def main(argv=None):
                         + ", ".join(VARIANTS))
     args = p.parse_args(argv)
 
-    ds = data.load_dataset("mnist", args.data_dir or "data")
+    try:
+        ds = data.load_dataset("mnist", args.data_dir or "data")
+    except data.DataError as e:
+        p.error(str(e))
     print(ds.note)
     steps = min(args.steps, len(ds.train_x) // max(args.batch_size, TUTORIAL_BATCH_SIZE))
     if steps == 0:
