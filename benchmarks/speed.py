@@ -197,11 +197,11 @@ def main(argv=None):
             for prefix, x, y in [("train", ds.train_x, ds.train_y),
                                  ("t10k", ds.test_x, ds.test_y)]:
                 data.write_idx(raw, prefix, (x[:, 0] * 255).round(), y)  # N x 28 x 28 uint8
-        return measure(ds, root, steps, args.batch_size, args.pairs, args.profile,
-                       args.variants)
+        return measure(ds, root, steps=steps, batch_size=args.batch_size, pairs=args.pairs,
+                       profile=args.profile, variants=args.variants)
 
 
-def measure(ds, root, steps, batch_size, pairs, profile, variants=(), noise_std=0.5):
+def measure(ds, root, *, steps, batch_size, pairs, profile, variants=(), noise_std=0.5):
     """The measurements main prints: pairs of runs, evaluation speed, FLOPs, the variants of
     the project's loop asked for (VARIANTS), a profile."""
     config = model.model_config()
