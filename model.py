@@ -64,7 +64,9 @@ class BasicAutoencoder(nn.Module):
             layers += [nn.ConvTranspose2d(c, w, 3, stride=2, padding=1, output_padding=1),
                        nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
             c = w
-        last = nn.Conv2d(c, 4 * channels, 3, padding=1)  # the sub-pixel head, as subpixel_head
+        # subpixel_head's layers, written out: flat in self.net, they keep the weight names
+        # (net.N.*) that checkpoints of this model have always had
+        last = nn.Conv2d(c, 4 * channels, 3, padding=1)
         nn.init.constant_(last.bias, OUTPUT_BIAS_INIT)
         self.net = nn.Sequential(*layers, last, nn.PixelShuffle(2), nn.Sigmoid())
 

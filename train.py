@@ -479,11 +479,12 @@ def run_training(args, stop):
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA work
             torch.use_deterministic_algorithms(True)
         data_dir = os.path.abspath(args.data_dir or settings.get("data_dir", "data"))
-        ds = load_data(settings, data_dir, checkpoint, args.resume)
+        ds, fingerprint = load_data(settings, data_dir, checkpoint, args.resume)
         config = ({**checkpoint["config"], "epochs": args.epochs, "data_dir": data_dir,
-                   "data_fingerprint": ds.fingerprint, "deterministic": deterministic}
-                  if checkpoint else new_config(settings, ds, data_dir=data_dir,
-                                                epochs=args.epochs, deterministic=deterministic))
+                   "data_fingerprint": fingerprint, "deterministic": deterministic}
+                  if checkpoint else new_config(settings, ds, data_dir=data_dir, epochs=args.epochs,
+                                                fingerprint=fingerprint,
+                                                deterministic=deterministic))
         state, train_x = setup(config, net, ds, device, args.epochs)
         history = []
         if checkpoint:
@@ -508,20 +509,22 @@ def run_training(args, stop):
 
 
 def load_data(settings, data_dir, checkpoint, resume_path):
-    """The run's data set; on a resume, refuse data other than what the run was trained on."""
+    """The run's data set and its fingerprint; on a resume, refuse data other than what the
+    run was trained on."""
     ds = data.load_dataset(settings["dataset"], data_dir, channels=settings.get("channels"),
                            crop=settings.get("crop"))
     print(ds.note)
+    fingerprint = data.fingerprint(ds)
     if checkpoint and ds.name != settings["dataset"]:
         raise data.DataError(f"--resume {resume_path} was trained on {settings['dataset']}, but "
                              f"{ds.name} was loaded; point --data-dir at the original data")
-    if checkpoint and settings.get("data_fingerprint", ds.fingerprint) != ds.fingerprint:
+    if checkpoint and settings.get("data_fingerprint", fingerprint) != fingerprint:
         raise data.DataError(f"--resume {resume_path}: the images in {data_dir} are not the "
                              f"ones it was trained on; point --data-dir at the original data")
-    return ds
+    return ds, fingerprint
 
 
-def new_config(settings, ds, *, data_dir, epochs, deterministic):
+def new_config(settings, ds, *, data_dir, epochs, fingerprint, deterministic):
     """The checkpoint config of a new run: model, data, noise and training settings, versions.
     The data set is the one actually loaded (mnist-sample after the offline fallback)."""
     import torchvision  # only for its version; imported here to keep --help fast
@@ -529,7 +532,7 @@ def new_config(settings, ds, *, data_dir, epochs, deterministic):
     size = list(ds.test_x.shape[2:])
     config = {**model.model_config(settings["arch"], ds.test_x.shape[1], settings["widths"]),
               "dataset": ds.name, "data_dir": data_dir,
-              "data_fingerprint": ds.fingerprint, "image_size": size, "crop": settings["crop"],
+              "data_fingerprint": fingerprint, "image_size": size, "crop": settings["crop"],
               "noise": settings["noise"].kind, "noise_level": settings["noise"].level,
               "test_noise_seed": TEST_NOISE_SEED, "epochs": epochs,
               **{k: settings[k] for k in ("seed", "batch_size", "lr", "lr_schedule")},
