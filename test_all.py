@@ -1075,7 +1075,7 @@ def test_onecycle_run_resumes_exactly_and_cannot_be_stretched(tmp_path, monkeypa
             "its lr schedule has 40 steps, this data gives 32")
     _swap_config(tmp_path / "cosine.pt", source=cut, lr_schedule="cosine")
     exits_2(train.main, ["--resume", tmp_path / "cosine.pt", "--epochs", "2"], capsys,
-            "unusable lr schedule ('cosine', epochs 2)")
+            "unusable config: --lr-schedule must be one of constant, onecycle, got 'cosine'")
     resumed = _sample_run(tmp_path, "cut", "--resume", cut, "--epochs", "2")
     assert _same_tensors(straight["model"], resumed["model"])
     assert [h["test_psnr"] for h in resumed["history"]] == [
@@ -1196,7 +1196,7 @@ def test_checkpoint_from_before_noise_types_still_loads(tmp_path):
 def test_a_resume_reads_noise_flags_against_the_checkpoints_noise(one_epoch, capsys):
     salt = {"noise": "salt-pepper", "noise_level": 0.2}
     args = train.parse_args(["--noise-level", "0.2"])  # the level alone: of the checkpoint's type
-    assert train.resume_flags(args, salt) == salt
+    assert train.given_settings(args, train.config_noise(salt)) == salt
     exits_2(train.main, ["--resume", one_epoch, "--epochs", "2", "--noise-level", "0.5",
                          "--noise-std", "0.2"], capsys, "not both")
 

@@ -3,8 +3,8 @@
     python train.py --epochs 10            # MNIST, Gaussian noise of std 0.5
     python visualize.py                    # noisy / clean / denoised test images
 
-Read from the top: the noise, one training step, one epoch and the evaluation are the method;
-checkpoints, resume and stop signals follow; the command line comes last.
+The method comes first: the noise, one training step, one epoch, the evaluation. Checkpoints,
+resume and stop signals follow; the training run and the command line come last.
 """
 
 import argparse
@@ -68,8 +68,7 @@ def add_noise(images, noise, generator):
 
     "gaussian" adds N(0, level^2); "speckle" adds images * N(0, level^2); "salt-pepper" sets a
     fraction `level` of the values to 0 or 1; "poisson" counts Poisson(images * level) photons
-    and divides by `level`. `generator` draws the levels and the noise, so the same seed gives
-    the same noisy images.
+    and divides by `level`. The same generator state gives the same noisy images.
     """
     kind, level = noise
     if isinstance(level, (list, tuple)):  # one level per image, N x 1 x 1 x 1
@@ -90,7 +89,7 @@ def add_noise(images, noise, generator):
     if kind == "poisson":
         photons = torch.poisson(images * level, generator=generator)  # N x C x H x W
         return photons.div_(level).clamp_(0, 1)
-    raise ValueError(f"unknown noise {kind!r} (choose from {', '.join(NOISES)})")
+    check_noise(noise)  # an unknown type: raises, naming the known ones
 
 
 def check_noise(noise):
@@ -99,14 +98,19 @@ def check_noise(noise):
     if kind not in NOISES:
         raise ValueError(f"unknown noise {kind!r} (choose from {', '.join(NOISES)})")
     levels = list(level) if isinstance(level, (list, tuple)) else [level]
-    if not (len(levels) in (1, 2) and all(isinstance(v, (int, float)) and not isinstance(
-            v, bool) and math.isfinite(v) for v in levels) and levels[0] <= levels[-1]):
+    if not (len(levels) in (1, 2) and all(is_number(v) for v in levels)
+            and levels[0] <= levels[-1]):
         raise ValueError(f"noise level must be a number, or LO:HI with LO <= HI, got {level!r}")
     meaning, _, largest = NOISES[kind]
     smallest = MIN_PHOTONS if kind == "poisson" else 0
     if levels[0] < smallest or levels[-1] > largest:
         raise ValueError(f"a {kind} level is the {meaning}: from {smallest:g} to {largest:g}, "
                          f"got {Noise(kind, level)}")
+
+
+def is_number(value):
+    """True for a finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---------------------------------------------------------------- one step, one epoch
@@ -130,7 +134,7 @@ def train_step(net, optimizer, clean, noise, generator, amp=False):
 
 
 class NonFiniteLoss(Exception):
-    """The training loss became NaN or infinite; `step` is the step at which it was seen."""
+    """The training loss became NaN or infinite by step `step`."""
 
     def __init__(self, step):
         super().__init__(f"non-finite loss by step {step}")
@@ -178,9 +182,8 @@ def train_epoch(net, optimizer, images, generator, *, noise, batch_size, schedul
 
 
 def make_scheduler(optimizer, schedule, total_steps):
-    """The learning-rate schedule of a run of `total_steps` steps: None for "constant"; for
-    "onecycle", torch's OneCycleLR peaking at the optimizer's lr: a warm-up from lr/25 over the
-    first 25% of the steps, then a cosine decay to lr/250,000 (so the last steps settle)."""
+    """The learning-rate schedule: None for "constant"; for "onecycle", torch's OneCycleLR
+    peaking at the optimizer's lr (warm-up over the first 25% of the steps, cosine decay)."""
     if schedule == "constant":
         return None
     if schedule == "onecycle":
@@ -208,10 +211,7 @@ def psnr(pred, target):
 def ssim(pred, target, batch_size=EVAL_BATCH_SIZE):
     """Mean structural similarity (Wang et al. 2004; Gaussian window 11, sigma 1.5, data range
     1) over the valid windows of each image, as scikit-image computes it, then over images.
-
-    torchmetrics draws the SSIM map; its 5-pixel border, where windows hang over the padded
-    edge, is cut off. Images must be at least 11 x 11.
-    """
+    torchmetrics draws the SSIM map; its 5-pixel border (windows over the padding) is cut off."""
     from torchmetrics.functional.image import structural_similarity_index_measure  # slow import
 
     if min(pred.shape[-2:]) < SSIM_WINDOW:
@@ -285,33 +285,28 @@ def make_checkpoint(state, config, history, position=None):
             "scheduler": None if state.scheduler is None else state.scheduler.state_dict()}
 
 
-def load_checkpoint(path):
-    """model.read_checkpoint, then the config checks every script needs (older files are
-    upgraded). Raises model.CheckpointError with one line naming the file."""
-    checkpoint = model.read_checkpoint(path)
-    config = checkpoint["config"]
-    if "noise_std" in config and "noise_level" not in config:  # written before --noise existed
-        config.update(noise="gaussian", noise_level=config.pop("noise_std"))
-    config.setdefault("lr_schedule", "constant")  # written before --lr-schedule existed
-    missing = [key for key in CONFIG_KEYS if key not in config]
-    if missing:
-        raise model.CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
-    try:
-        if not all(isinstance(config[k], str) for k in ("arch", "dataset", "data_dir", "noise")):
-            raise ValueError("arch, dataset, data_dir and noise must be strings")
-        model.model_config(config["arch"], config["channels"], config["widths"])
-        if config["channels"] not in (1, 3):  # what the data sets and figures handle
-            raise ValueError(f"channels must be 1 or 3, got {config['channels']!r}")
-        check_noise(config_noise(config))
-        crop, multiple = config.get("crop"), model.size_multiple(config["widths"])
-        if crop is not None and not (type(crop) is int and crop >= SSIM_WINDOW
-                                     and crop % multiple == 0):
-            raise ValueError(f"crop {crop!r} is not a multiple of {multiple} of at least "
-                             f"{SSIM_WINDOW}")
-        check_history(checkpoint.get("history", []))
-    except ValueError as e:
-        raise model.CheckpointError(f"checkpoint {path} has an unusable config: {e}") from e
-    return checkpoint
+def check_config(config):
+    """Raise ValueError (one line) unless a run's config can work: the flags' own limits for
+    its model, noise and numbers, and the crop rules. Channels None: the data set's own."""
+    text = [k for k in ("arch", "dataset", "data_dir", "noise") if not isinstance(config[k], str)]
+    if text:
+        raise ValueError(f"{', '.join(text)} must be text")
+    model.model_config(config["arch"], config["channels"] or 1, config["widths"])
+    if config["channels"] not in (None, 1, 3):  # what the data sets and figures handle
+        raise ValueError(f"--channels must be 1 or 3, got {config['channels']!r}")
+    check_noise(config_noise(config))
+    for key, (kind, low, high, meaning) in LIMITS.items():
+        if config.get(key) is not None and not within(config[key], kind, low, high):
+            raise ValueError(f"--{key.replace('_', '-')} must be {meaning}, got {config[key]!r}")
+    if config.get("lr_schedule") not in LR_SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                         f"{config.get('lr_schedule')!r}")
+    crop, multiple = config.get("crop"), model.size_multiple(config["widths"])
+    if crop is not None and config["dataset"] != "folder":
+        raise ValueError("--crop is for --dataset folder (the other data sets are used whole)")
+    if crop is not None and crop % multiple:
+        raise ValueError(f"--crop must be a multiple of {multiple} for --arch {config['arch']} "
+                         f"with {len(config['widths'])} levels, got {crop}")
 
 
 def check_history(history):
@@ -324,43 +319,42 @@ def check_history(history):
         raise ValueError("its history is not a list of epoch records")
 
 
-def open_resume(path, given, epochs):
-    """Load a checkpoint to resume and check it against the run-defining flags given
-    (given(config) -> {key: value}) and the epochs asked for. Raises model.CheckpointError."""
+def load_checkpoint(path):
+    """model.read_checkpoint, then the checks of its config and history (older files are
+    upgraded). Raises model.CheckpointError with one line naming the file."""
+    checkpoint = model.read_checkpoint(path)
+    config = checkpoint["config"]
+    if "noise_std" in config and "noise_level" not in config:  # written before --noise existed
+        config.update(noise="gaussian", noise_level=config.pop("noise_std"))
+    config.setdefault("lr_schedule", "constant")  # written before --lr-schedule existed
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        raise model.CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
+    try:
+        check_config(config)
+        check_history(checkpoint.get("history", []))
+    except ValueError as e:
+        raise model.CheckpointError(f"checkpoint {path} has an unusable config: {e}") from e
+    return checkpoint
+
+
+def open_resume(path, epochs):
+    """Load a checkpoint to continue to `epochs` epochs in all. Raises model.CheckpointError
+    unless it holds all an exact resume needs and its lr schedule allows that many epochs."""
     checkpoint = load_checkpoint(path)
     config = checkpoint["config"]
-    schedule, planned = config["lr_schedule"], config.get("epochs")
-    if schedule not in LR_SCHEDULES or schedule != "constant" and type(planned) is not int:
-        raise model.CheckpointError(f"checkpoint {path} has an unusable lr schedule "
-                                    f"({schedule!r}, epochs {planned!r})")
-    missing = ([k for k in RESUME_KEYS if k not in checkpoint] + [
-        f"config {k}" for k in ("batch_size", "lr", "seed") if k not in config])
-    if config["lr_schedule"] != "constant" and not checkpoint.get("scheduler"):
+    schedule, planned, done = config["lr_schedule"], config.get("epochs"), checkpoint.get("epoch")
+    missing = [k for k in RESUME_KEYS if k not in checkpoint] + [
+        f"config {k}" for k in ("batch_size", "lr", "seed") if k not in config]
+    if schedule != "constant" and not (checkpoint.get("scheduler") and planned):
         missing.append("scheduler state")
     if missing:
         raise model.CheckpointError(f"checkpoint {path} cannot be resumed: it has no "
                                     f"{', '.join(missing)} (not written by this train.py)")
-    try:  # the flags' own checks, for what the checkpoint says instead of them
-        positive_int(str(config["batch_size"])), positive_float(str(config["lr"]))
-        seed_int(str(config["seed"]))
-        if not all(type(config[k]) is t for k, t in (("batch_size", int), ("seed", int))):
-            raise argparse.ArgumentTypeError("batch_size and seed must be integers")
-    except argparse.ArgumentTypeError as e:
-        raise model.CheckpointError(f"checkpoint {path} has unusable run settings (batch_size "
-                                    f"{config['batch_size']!r}, lr {config['lr']!r}, seed "
-                                    f"{config['seed']!r}): {e}") from e
-    done, position = checkpoint["epoch"], checkpoint["position"]
     if type(done) is not int or done != len(checkpoint["history"]) or not isinstance(
-            checkpoint["rng"], dict) or not (
-            position is None or isinstance(position, dict) and isinstance(
-                position.get("order"), torch.Tensor) and type(position.get("step")) is int):
-        raise model.CheckpointError(f"checkpoint {path} cannot be resumed: its epoch, history, "
-                                    f"random state and position do not agree")
-    conflicts = [f"--{k.replace('_', '-')} {v} (the checkpoint has {config.get(k)})"
-                 for k, v in given(config).items() if v != config.get(k)]
-    if conflicts:
-        raise model.CheckpointError(f"--resume {path}: flags contradict the checkpoint: "
-                                    + "; ".join(conflicts))
+            checkpoint["rng"], dict):
+        raise model.CheckpointError(f"checkpoint {path} cannot be resumed: its epoch, history "
+                                    f"and random state do not agree")
     if schedule != "constant" and done >= planned:
         raise model.CheckpointError(f"--resume {path}: its {schedule} lr schedule ended with "
                                     f"epoch {planned} and cannot be extended; start a new run")
@@ -376,33 +370,38 @@ def open_resume(path, given, epochs):
 
 def restore_state(state, checkpoint, path, images_per_epoch):
     """Load a checkpoint's optimizer, schedule and random states into `state`, after checking
-    that its interrupted epoch, if any, fits this data. Raises model.CheckpointError."""
-    position = checkpoint["position"]
-    steps_per_epoch = math.ceil(images_per_epoch / checkpoint["config"]["batch_size"])
+    that they, and its interrupted epoch if any, fit this model, data and device. Raises
+    model.CheckpointError."""
+    position, rng = checkpoint["position"], checkpoint["rng"]
+    steps = math.ceil(images_per_epoch / checkpoint["config"]["batch_size"])
     try:
+        ran_on, runs_on = rng.get("device", "cpu"), state.generator.device.type
+        if ran_on != runs_on:  # a generator's state fits only its device type
+            raise ValueError(f"it was a {ran_on} run; an exact resume needs the same device "
+                             f"type, not {runs_on}")
         if state.scheduler is not None and (checkpoint["scheduler"].get("total_steps")
                                             != state.scheduler.total_steps):
             raise ValueError(f"its lr schedule has {checkpoint['scheduler'].get('total_steps')} "
                              f"steps, this data gives {state.scheduler.total_steps}")
-        if position is not None and not (0 <= position["step"] <= steps_per_epoch and isinstance(
-                position.get("loss_sum"), float) and torch.equal(position["order"].sort().values,
-                                                                 torch.arange(images_per_epoch))):
-            raise ValueError(f"its interrupted epoch (step {position['step']}, "
-                             f"{len(position['order'])} images) does not fit this data "
-                             f"({images_per_epoch} images, {steps_per_epoch} steps per epoch)")
+        if position is not None and not (
+                type(position["step"]) is int and 0 <= position["step"] <= steps
+                and isinstance(position.get("loss_sum"), float)
+                and torch.equal(position["order"].sort().values, torch.arange(images_per_epoch))):
+            raise ValueError(f"its interrupted epoch (step {position['step']}) does not fit this "
+                             f"data ({images_per_epoch} images, {steps} steps per epoch)")
         state.optimizer.load_state_dict(checkpoint["optimizer"])
         for param, moments in state.optimizer.state.items():  # else Adam fails mid-epoch
             if any(m.shape != param.shape for m in moments.values() if m.dim() > 0):
                 raise ValueError("its optimizer state does not fit the model's weights")
         if state.scheduler is not None:
             state.scheduler.load_state_dict(checkpoint["scheduler"])
-        state.generator.set_state(checkpoint["rng"]["generator"])
-        torch.set_rng_state(checkpoint["rng"]["torch_cpu"])
-        if "torch_cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["torch_cuda"])
+        state.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["torch_cuda"])
     except Exception as e:  # crafted or damaged states fail in many ways; none may train
-        raise model.CheckpointError(f"--resume {path}: {data.one_line(e, 200)}; resume with the "
-                                    f"data it was trained on, or start a new run") from e
+        raise model.CheckpointError(f"--resume {path}: {data.one_line(e, 200)}; resume on the "
+                                    f"data and device it was trained on, or start a new run") from e
 
 
 # ---------------------------------------------------------------- stop signals
@@ -462,82 +461,93 @@ def main(argv=None):
 
 def run_training(args, stop):
     """The run that the flags ask for, step by step; returns the exit code."""
-    checkpoint = (open_resume(args.resume, lambda config: resume_flags(args, config), args.epochs)
-                  if args.resume else None)
-    settings = checkpoint["config"] if checkpoint else new_run_settings(args)
+    checkpoint = open_resume(args.resume, args.epochs) if args.resume else None
+    config = run_config(args, checkpoint)
     path = output_path(args.checkpoint, args.resume)
     with data.exclusive(path):  # no other run writes this file meanwhile
         refuse_replacing(path, args.resume, args.overwrite)
         device = open_device(args.device, args.amp)
-        ran_on = checkpoint["rng"].get("device", "cpu") if checkpoint else device.type
-        if ran_on != device.type:  # a generator's state fits only its device type
-            raise UsageError(f"--resume {args.resume} was a {ran_on} run; an exact resume needs "
-                             f"the same device type, not {device.type}")
         net = model.restore_model(checkpoint, args.resume) if checkpoint else None
-        deterministic = bool(args.deterministic or settings.get("deterministic"))
-        if deterministic:
+        if config["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA work
             torch.use_deterministic_algorithms(True)
-        data_dir = os.path.abspath(args.data_dir or settings.get("data_dir", "data"))
-        ds, fingerprint = load_data(settings, data_dir, checkpoint, args.resume)
-        config = ({**checkpoint["config"], "epochs": args.epochs, "data_dir": data_dir,
-                   "data_fingerprint": fingerprint, "deterministic": deterministic}
-                  if checkpoint else new_config(settings, ds, data_dir=data_dir, epochs=args.epochs,
-                                                fingerprint=fingerprint,
-                                                deterministic=deterministic))
-        state, train_x = setup(config, net, ds, device, args.epochs)
-        history = []
+        ds, config = load_data(config, resumed=args.resume)
+        state, train_x = setup(config, net, ds, device)
+        history, position = [], None
         if checkpoint:
             restore_state(state, checkpoint, args.resume, data.images_per_epoch(train_x))
-            history = checkpoint["history"]
-            where = f", step {checkpoint['position']['step']}" if checkpoint["position"] else ""
+            history, position = checkpoint["history"], checkpoint["position"]
+            where = f", step {position['step']}" if position else ""
             print(f"resuming {args.resume}: {len(history)} epochs done{where}, "
                   f"training to {args.epochs}")
         print(f"model: {config['arch']} {config['widths']}, "
               f"{model.count_parameters(state.net):,} parameters, device {device}, "
               f"{data.images_per_epoch(train_x):,} training images per epoch, "
               f"lr {config['lr']:g} {config['lr_schedule']}")
-        test = scored_test_set(ds.test_x.to(device), config)
+        test = scored_test_set(ds.test_x.to(device), config_noise(config))
         stop["training"] = True
         try:
             return train_epochs(state, config, train_x=train_x, test=test, path=path,
-                                epochs=args.epochs, history=history, amp=args.amp, stop=stop,
-                                position=checkpoint["position"] if checkpoint else None)
+                                history=history, position=position, amp=args.amp, stop=stop)
         except StopRequest as e:
             return fail(128 + e.signum, f"stopped at once by a second {e}; {path} is as the "
                                         f"last completed save left it")
 
 
-def load_data(settings, data_dir, checkpoint, resume_path):
-    """The run's data set and its fingerprint; on a resume, refuse data other than what the
-    run was trained on."""
-    ds = data.load_dataset(settings["dataset"], data_dir, channels=settings.get("channels"),
-                           crop=settings.get("crop"))
+def run_config(args, checkpoint):
+    """This run's config: the resumed checkpoint's, which the flags given must not contradict,
+    else the flags given over RUN_DEFAULTS, checked. Raises UsageError or CheckpointError."""
+    old = checkpoint["config"] if checkpoint else {}
+    given = given_settings(args, config_noise(old) if checkpoint else None)
+    if checkpoint:
+        conflicts = [f"--{k.replace('_', '-')} {v} (the checkpoint has {old.get(k)})"
+                     for k, v in given.items() if v != old.get(k)]
+        if conflicts:
+            raise model.CheckpointError(f"--resume {args.resume}: flags contradict the "
+                                        f"checkpoint: " + "; ".join(conflicts))
+        config = old
+    else:
+        import torchvision  # only for its version; imported here to keep --help fast
+
+        config = {**RUN_DEFAULTS, **given, "data_dir": "data", "test_noise_seed": TEST_NOISE_SEED,
+                  "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+        if config["dataset"] == "folder":
+            config["crop"] = config["crop"] or data.DEFAULT_CROP
+        try:
+            config["widths"] = model.model_config(config["arch"], 1, config["widths"])["widths"]
+            check_config(config)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+    return {**config, "epochs": args.epochs,
+            "deterministic": bool(args.deterministic or old.get("deterministic")),
+            "data_dir": os.path.abspath(args.data_dir or old.get("data_dir", "data"))}
+
+
+def given_settings(args, noise=None):
+    """The run-defining flags given, as {config key: value}; the noise flags always, resolved
+    against `noise` (a resumed run's) or the defaults. Raises UsageError."""
+    try:
+        noise = resolve_noise(args.noise, args.noise_level, args.noise_std, default=noise)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
+    return {**given, "noise": noise.kind, "noise_level": noise.level}
+
+
+def load_data(config, resumed):
+    """The run's data set, and the config completed with what was loaded (the data set's name:
+    mnist-sample after the offline fallback; channels, image size, fingerprint). `resumed`: the
+    path of a resumed checkpoint, which refuses other data. Raises DataError or UsageError."""
+    name, folder = config["dataset"], config["data_dir"]
+    ds = data.load_dataset(name, folder, channels=config["channels"], crop=config.get("crop"))
     print(ds.note)
-    fingerprint = data.fingerprint(ds)
-    if checkpoint and ds.name != settings["dataset"]:
-        raise data.DataError(f"--resume {resume_path} was trained on {settings['dataset']}, but "
-                             f"{ds.name} was loaded; point --data-dir at the original data")
-    if checkpoint and settings.get("data_fingerprint", fingerprint) != fingerprint:
-        raise data.DataError(f"--resume {resume_path}: the images in {data_dir} are not the "
-                             f"ones it was trained on; point --data-dir at the original data")
-    return ds, fingerprint
-
-
-def new_config(settings, ds, *, data_dir, epochs, fingerprint, deterministic):
-    """The checkpoint config of a new run: model, data, noise and training settings, versions.
-    The data set is the one actually loaded (mnist-sample after the offline fallback)."""
-    import torchvision  # only for its version; imported here to keep --help fast
-
-    size = list(ds.test_x.shape[2:])
-    config = {**model.model_config(settings["arch"], ds.test_x.shape[1], settings["widths"]),
-              "dataset": ds.name, "data_dir": data_dir,
-              "data_fingerprint": fingerprint, "image_size": size, "crop": settings["crop"],
-              "noise": settings["noise"].kind, "noise_level": settings["noise"].level,
-              "test_noise_seed": TEST_NOISE_SEED, "epochs": epochs,
-              **{k: settings[k] for k in ("seed", "batch_size", "lr", "lr_schedule")},
-              "deterministic": deterministic,
-              "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+    fingerprint, size = data.fingerprint(ds), list(ds.test_x.shape[2:])
+    if resumed and ds.name != name:
+        raise data.DataError(f"--resume {resumed} was trained on {name}, but {ds.name} was "
+                             f"loaded; point --data-dir at the original data")
+    if resumed and config.get("data_fingerprint", fingerprint) != fingerprint:
+        raise data.DataError(f"--resume {resumed}: the images in {folder} are not the ones it "
+                             f"was trained on; point --data-dir at the original data")
     multiple, levels = model.size_multiple(config["widths"]), len(config["widths"])
     if any(side % multiple for side in size):
         raise UsageError(f"{levels} widths halve the image {levels} times, so its sides must be "
@@ -546,28 +556,24 @@ def new_config(settings, ds, *, data_dir, epochs, fingerprint, deterministic):
     if min(size) < SSIM_WINDOW:
         raise UsageError(f"{ds.name}'s test images are {size[0]}x{size[1]}; scoring (SSIM) "
                          f"needs at least {SSIM_WINDOW}x{SSIM_WINDOW}")
-    return config
+    return ds, {**config, "dataset": ds.name, "channels": ds.test_x.shape[1],
+                "image_size": size, "data_fingerprint": fingerprint}
 
 
-def setup(config, net, ds, device, epochs):
+def setup(config, net, ds, device):
     """The model (built from the config, unless resumed), optimizer, schedule and generator of
     a run, and its training images on `device`. Returns (state, train_x)."""
-    seed_everything(config["seed"])  # the weights' initialisation
+    random.seed(config["seed"])  # the weights' initialisation, and any other global draw
+    np.random.seed(config["seed"])
+    torch.manual_seed(config["seed"])  # seeds CUDA too
     net = model.build_model(config) if net is None else net
     net = net.to(device).to(memory_format=torch.channels_last)  # oneDNN's fast kernels on CPU
     train_x = ds.train_x.to(device) if isinstance(ds.train_x, torch.Tensor) else ds.train_x
     optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"])
     steps = math.ceil(data.images_per_epoch(train_x) / config["batch_size"])
-    scheduler = make_scheduler(optimizer, config["lr_schedule"], steps * epochs)
+    scheduler = make_scheduler(optimizer, config["lr_schedule"], steps * config["epochs"])
     generator = torch.Generator(device=device).manual_seed(config["seed"])  # order and noise
     return TrainState(net, optimizer, scheduler, generator), train_x
-
-
-def seed_everything(seed):
-    """Seed Python's, NumPy's and torch's global generators (torch seeds CUDA too)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class TestSet(NamedTuple):
@@ -578,21 +584,20 @@ class TestSet(NamedTuple):
     noisy_psnr: float
 
 
-def scored_test_set(clean, config):
+def scored_test_set(clean, noise):
     """The TestSet of a run; prints the noisy input's scores, the baseline."""
-    noise = config_noise(config)
     noisy = fixed_noisy_test_set(clean, noise)  # N x C x H x W
     baseline = psnr(noisy, clean)
     print(f"noisy input ({noise}): test PSNR {baseline:.2f} dB, SSIM {ssim(noisy, clean):.4f}")
     return TestSet(clean, noisy, baseline)
 
 
-def train_epochs(state, config, *, train_x, test, path, epochs, history, position, amp, stop):
-    """Train from len(history) to `epochs` epochs, scoring and saving after each; returns the
-    exit code. A stop signal saves a resumable checkpoint inside the epoch."""
+def train_epochs(state, config, *, train_x, test, path, history, position, amp, stop):
+    """Train from len(history) to config["epochs"] epochs, scoring and saving after each;
+    returns the exit code. A stop signal saves a resumable checkpoint inside the epoch."""
     from tqdm import tqdm
 
-    noise, batch_size = config_noise(config), config["batch_size"]
+    noise, batch_size, epochs = config_noise(config), config["batch_size"], config["epochs"]
     for epoch in range(len(history) + 1, epochs + 1):
         start = time.perf_counter()
         images = data.epoch_images(train_x, config["crop"], config["seed"], epoch)
@@ -686,40 +691,14 @@ class UsageError(Exception):
 # refuse those that contradict its checkpoint); a new run fills the rest from here.
 RUN_DEFAULTS = {"arch": "basic", "widths": None, "dataset": "mnist", "channels": None,
                 "crop": None, "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant", "seed": 0}
-
-
-def new_run_settings(args):
-    """The run-defining settings of a new run: the flags given, else RUN_DEFAULTS. Raises
-    UsageError with one line for flags that cannot work together."""
-    settings = {k: RUN_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
-                for k in RUN_DEFAULTS}
-    try:
-        settings["noise"] = resolve_noise(args.noise, args.noise_level, args.noise_std)
-        settings["widths"] = model.model_config(settings["arch"], 1, settings["widths"])["widths"]
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    if settings["dataset"] != "folder":
-        if settings["crop"] is not None:
-            raise UsageError("--crop is for --dataset folder (the other data sets are used whole)")
-        return settings
-    settings["crop"] = settings["crop"] or data.DEFAULT_CROP
-    multiple = model.size_multiple(settings["widths"])
-    if settings["crop"] % multiple:
-        raise UsageError(f"--crop must be a multiple of {multiple} for --arch {settings['arch']} "
-                         f"with {len(settings['widths'])} levels")
-    return settings
-
-
-def resume_flags(args, config):
-    """The run-defining flags given on a resume, as {config key: value}, to check against its
-    config (a noise flag left out means the checkpoint's)."""
-    given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
-    try:
-        noise = resolve_noise(args.noise, args.noise_level, args.noise_std,
-                              default=config_noise(config))
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    return {**given, "noise": noise.kind, "noise_level": noise.level}
+# The numbers a run is defined by, as (type, smallest, largest, meaning): their flags and the
+# config of a checkpoint are checked against the same limits.
+LIMITS = {"epochs": (int, 1, 10 ** 6, "an integer from 1 to 10**6"),
+          "batch_size": (int, 1, 2 ** 24, "an integer from 1 to 2**24"),
+          "lr": (float, math.ulp(0.0), math.inf, "a positive number"),
+          "seed": (int, 0, 2 ** 32 - 1, "an integer in [0, 2**32)"),
+          "crop": (int, SSIM_WINDOW, 2 ** 15, f"an integer from {SSIM_WINDOW} (SSIM's window) "
+                                              f"to 2**15")}
 
 
 def output_path(checkpoint, resume):
@@ -787,23 +766,27 @@ def resolve_noise(kind, level, std, default=None):
     return Noise(kind, level)
 
 
-def bounded(convert, low, high, what):
-    """An argparse type: convert(text), which must then be finite and within [low, high]."""
+def within(value, kind, low, high):
+    """True if `value` is a finite number of type `kind` (an int passes as a float) in
+    [low, high]."""
+    return is_number(value) and (kind is float or isinstance(value, int)) and low <= value <= high
+
+
+def number(kind, low, high, meaning):
+    """An argparse type: the text as a `kind` from `low` to `high`, else the error `meaning`."""
     def parse(text):
         try:
-            value = convert(text)
+            value = kind(text)
         except (ValueError, OverflowError):
-            value = math.nan
-        if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+            value = None
+        if not within(value, kind, low, high):
+            raise argparse.ArgumentTypeError(f"must be {meaning}, got {text}")
         return value
     return parse
 
 
-positive_int = bounded(int, 1, 10 ** 9, "an integer from 1 to 10**9")
-positive_float = bounded(float, math.ulp(0.0), math.inf, "a positive number")
-seed_int = bounded(int, 0, 2 ** 32 - 1, "an integer in [0, 2**32)")
-nonnegative_float = bounded(float, 0, math.inf, "a number >= 0")
+positive_int = number(int, 1, 10 ** 9, "an integer from 1 to 10**9")
+nonnegative_float = number(float, 0, math.inf, "a number >= 0")
 
 
 def noise_level(text):
@@ -868,8 +851,8 @@ def add_data_dir_flag(parser):
 
 def add_batch_size_flag(parser, default=None):
     """Declare --batch-size (shared by train.py and benchmarks/speed.py)."""
-    parser.add_argument("--batch-size", type=bounded(int, 1, 2 ** 24, "from 1 to 2**24"),
-                        default=default, help="images per optimizer step" + (
+    parser.add_argument("--batch-size", type=number(*LIMITS["batch_size"]), default=default,
+                        help="images per optimizer step" + (
                             f" (default: {RUN_DEFAULTS['batch_size']})" if default is None else ""))
 
 
@@ -877,10 +860,10 @@ def parse_args(argv=None):
     """Flags of train.py (the run-defining ones default to None: see RUN_DEFAULTS)."""
     p = argparse.ArgumentParser(description="Train a convolutional denoising autoencoder.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--epochs", type=bounded(int, 1, 10 ** 6, "from 1 to 10**6"), default=10,
+    p.add_argument("--epochs", type=number(*LIMITS["epochs"]), default=10,
                    help="passes over the training set (with --resume: the total to reach)")
     add_batch_size_flag(p)
-    p.add_argument("--lr", type=positive_float, default=None,
+    p.add_argument("--lr", type=number(*LIMITS["lr"]), default=None,
                    help="Adam learning rate; with --lr-schedule onecycle, the peak (default: 1e-3)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="constant, or onecycle: warm up to --lr over the first 25%% of the "
@@ -891,8 +874,7 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="1 (gray) or 3 (colour): converts the images (default: the data set's "
                         "own; colour for a folder)")
-    p.add_argument("--crop", type=bounded(int, SSIM_WINDOW, 2 ** 15, f"from {SSIM_WINDOW} "
-                                          f"(SSIM's window) to 32768"), default=None,
+    p.add_argument("--crop", type=number(*LIMITS["crop"]), default=None,
                    help=f"--dataset folder only: train on random CROP x CROP crops, test on "
                         f"centre crops (default: {data.DEFAULT_CROP})")
     p.add_argument("--arch", choices=model.ARCHS, default=None,
@@ -902,7 +884,7 @@ def parse_args(argv=None):
                         "MNIST's 28 x 28 takes at most 2 (default: " + "; ".join(
                             f"{a} {','.join(map(str, c.default_widths))}"
                             for a, c in model.ARCHS.items()) + ")")
-    p.add_argument("--seed", type=seed_int, default=None,
+    p.add_argument("--seed", type=number(*LIMITS["seed"]), default=None,
                    help="seeds the weights, the data order and the noise (default: 0)")
     add_shared_flags(p, checkpoint_default=None)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a name")

@@ -272,7 +272,7 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true",
                    help="--image: let the outputs replace existing files (never the input)")
     p.add_argument("--n", type=train.positive_int, default=8, help="number of test images")
-    p.add_argument("--seed", type=train.seed_int, default=0,
+    p.add_argument("--seed", type=train.number(*train.LIMITS["seed"]), default=0,
                    help="picks which test images are shown")
     p.add_argument("--levels", type=levels_list, default=None,
                    help="--sweep: noise levels, comma-separated (default per noise type: "
