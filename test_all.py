@@ -825,17 +825,34 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_pat
     assert [h["epoch"] for h in ckpt["history"]] == [1]  # the last good checkpoint, untouched
 
 
-def test_amp_is_for_cuda_and_its_code_path_runs(capsys):
-    if not torch.cuda.is_available():
-        exits_2(train.main, ["--amp", "--dataset", "mnist-sample"], capsys,
-                "--amp needs a CUDA device")
+def test_bf16_autocast_trains_with_float32_weights():
     torch.manual_seed(0)
     net = model.build_model(model.model_config())
     images = torch.rand(32, 1, 28, 28)
     loss = train.train_epoch(net, torch.optim.Adam(net.parameters()), images,
                              torch.Generator().manual_seed(0), noise=SIGMA, batch_size=16,
-                             amp=True)  # bf16 autocast on CPU
+                             amp=True)  # bf16 autocast on CPU, emulated where not native
     assert math.isfinite(loss) and net.net[0].weight.dtype == torch.float32
+
+
+def test_precision_is_bf16_where_native_recorded_and_kept(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    for flags in (["--precision", "bf16"], ["--amp"]):
+        exits_2(train.main, [*flags, "--dataset", "mnist-sample", "--checkpoint", "c.pt"], capsys,
+                "needs bfloat16 hardware")
+    plain = _sample_run(tmp_path, "plain", "--epochs", "1")  # auto, without bf16: fp32
+    assert plain["config"]["precision"] == "fp32" and "fp32" in capsys.readouterr().out
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    runs = [_sample_run(tmp_path, f"bf16-{i}", "--epochs", "1") for i in range(2)]
+    assert runs[0]["config"]["precision"] == "bf16" and "img/s  bf16" in capsys.readouterr().out
+    assert _same_tensors(runs[0]["model"], runs[1]["model"])  # same seed: same weights
+    assert not _same_tensors(runs[0]["model"], plain["model"])
+    assert runs[0]["history"][0]["test_psnr"] > plain["history"][0]["test_psnr"] - 0.5
+    exits_2(train.main, ["--resume", "bf16-0.pt", "--epochs", "2", "--precision", "fp32"],
+            capsys, "--precision fp32 (the checkpoint has bf16)")
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)  # resumed on another CPU
+    exits_2(train.main, ["--resume", "bf16-0.pt", "--epochs", "2"], capsys,
+            "needs bfloat16 hardware")
 
 
 def test_bad_flags_exit_2(capsys):

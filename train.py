@@ -31,6 +31,7 @@ EVAL_BATCH_SIZE = 1000  # inference only: large batches are fastest and fit easi
 FINITE_CHECK_EVERY = 50  # steps between checks that the loss is finite (each check syncs a GPU)
 SSIM_WINDOW = 11  # Wang et al. 2004: an 11 x 11 Gaussian window of sigma 1.5
 LR_SCHEDULES = ("constant", "onecycle")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 # ---------------------------------------------------------------- noise
 
@@ -298,6 +299,9 @@ def check_config(config):
     for key, (kind, low, high, meaning) in LIMITS.items():
         if config.get(key) is not None and not within(config[key], kind, low, high):
             raise ValueError(f"--{key.replace('_', '-')} must be {meaning}, got {config[key]!r}")
+    if config.get("precision", "auto") not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
+                         f"{config.get('precision')!r}")
     if config.get("lr_schedule") not in LR_SCHEDULES:
         raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got "
                          f"{config.get('lr_schedule')!r}")
@@ -327,6 +331,7 @@ def load_checkpoint(path):
     if "noise_std" in config and "noise_level" not in config:  # written before --noise existed
         config.update(noise="gaussian", noise_level=config.pop("noise_std"))
     config.setdefault("lr_schedule", "constant")  # written before --lr-schedule existed
+    config.setdefault("precision", "fp32")  # written before --precision existed
     missing = [key for key in CONFIG_KEYS if key not in config]
     if missing:
         raise model.CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
@@ -466,7 +471,8 @@ def run_training(args, stop):
     path = output_path(args.checkpoint, args.resume)
     with data.exclusive(path):  # no other run writes this file meanwhile
         refuse_replacing(path, args.resume, args.overwrite)
-        device = open_device(args.device, args.amp)
+        device = open_device(args.device)
+        config = {**config, "precision": resolve_precision(config["precision"], device)}
         net = model.restore_model(checkpoint, args.resume) if checkpoint else None
         if config["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA work
@@ -488,7 +494,7 @@ def run_training(args, stop):
         stop["training"] = True
         try:
             return train_epochs(state, config, train_x=train_x, test=test, path=path,
-                                history=history, position=position, amp=args.amp, stop=stop)
+                                history=history, position=position, stop=stop)
         except StopRequest as e:
             return fail(128 + e.signum, f"stopped at once by a second {e}; {path} is as the "
                                         f"last completed save left it")
@@ -592,12 +598,13 @@ def scored_test_set(clean, noise):
     return TestSet(clean, noisy, baseline)
 
 
-def train_epochs(state, config, *, train_x, test, path, history, position, amp, stop):
+def train_epochs(state, config, *, train_x, test, path, history, position, stop):
     """Train from len(history) to config["epochs"] epochs, scoring and saving after each;
     returns the exit code. A stop signal saves a resumable checkpoint inside the epoch."""
     from tqdm import tqdm
 
     noise, batch_size, epochs = config_noise(config), config["batch_size"], config["epochs"]
+    amp = config["precision"] == "bf16"
     for epoch in range(len(history) + 1, epochs + 1):
         start = time.perf_counter()
         images = data.epoch_images(train_x, config["crop"], config["seed"], epoch)
@@ -622,7 +629,7 @@ def train_epochs(state, config, *, train_x, test, path, history, position, amp, 
                               "test_ssim": test_ssim, "seconds": time.perf_counter() - start}]
         say(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
             f"SSIM {test_ssim:.4f}  {history[-1]['seconds']:.1f} s  "
-            f"{len(images) / seconds:,.0f} img/s")
+            f"{len(images) / seconds:,.0f} img/s  {config['precision']}")
         if stop["signal"] is not None and epoch < epochs:  # came during the evaluation
             return save_stop(make_checkpoint(state, config, history), path, stop, epochs,
                              f"after epoch {epoch}")
@@ -690,7 +697,8 @@ class UsageError(Exception):
 # Flags that define a run. They default to None, so that a resume can tell the ones given (and
 # refuse those that contradict its checkpoint); a new run fills the rest from here.
 RUN_DEFAULTS = {"arch": "basic", "widths": None, "dataset": "mnist", "channels": None,
-                "crop": None, "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant", "seed": 0}
+                "crop": None, "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant", "seed": 0,
+                "precision": "auto"}
 # The numbers a run is defined by, as (type, smallest, largest, meaning): their flags and the
 # config of a checkpoint are checked against the same limits.
 LIMITS = {"epochs": (int, 1, 10 ** 6, "an integer from 1 to 10**6"),
@@ -729,7 +737,7 @@ def refuse_replacing(path, resume, overwrite):
                      f"another --checkpoint")
 
 
-def open_device(name, amp):
+def open_device(name):
     """The torch device called `name` ('auto': cuda, then mps, then cpu), touched once so that
     an absent one fails now with one line (UsageError) instead of mid-run."""
     if name == "auto":
@@ -740,9 +748,39 @@ def open_device(name, amp):
         torch.ones(1, device=device).add(1).cpu()  # a device that cannot compute fails here
     except Exception as e:  # torch says it in many ways: RuntimeError, AssertionError, ...
         raise UsageError(f"device {name!r} cannot be used: {data.one_line(e, 200)}") from e
-    if amp and device.type != "cuda":  # CPUs without bfloat16 units only get slower
-        raise UsageError(f"--amp needs a CUDA device, and this run is on {device}")
     return device
+
+
+def native_bf16(device):
+    """True if `device` computes bfloat16 natively: a CPU with AMX or AVX512-BF16 (torch has no
+    public test for these, so its cpuinfo flags are read), a CUDA GPU from Ampere on, or an
+    Apple GPU that autocasts to it."""
+    if device.type == "cpu":
+        flags = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, flag, lambda: False)() for flag in flags)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            ones = torch.ones(1, 1, 3, 3, device=device)
+            F.conv2d(ones, ones).cpu()
+        return device.type == "mps"
+    except Exception:  # autocast or the kernel missing on this device or OS version
+        return False
+
+
+def resolve_precision(precision, device):
+    """What --precision means on `device`: "bf16" (bfloat16 autocast for the forward pass) or
+    "fp32". auto: bf16 on a CPU that computes it natively, where it is faster and as accurate
+    (docs/speed.md), else fp32. Raises UsageError for bf16 where it is not native: it would
+    only be slower."""
+    if precision == "auto":
+        return "bf16" if device.type == "cpu" and native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        raise UsageError(f"--precision bf16 needs bfloat16 hardware (a CPU with AMX or "
+                         f"AVX512-BF16, a CUDA GPU from Ampere on), and {device} has none: "
+                         f"it would only be slower; use --precision fp32")
+    return precision
 
 
 def resolve_noise(kind, level, std, default=None):
@@ -888,8 +926,12 @@ def parse_args(argv=None):
                    help="seeds the weights, the data order and the noise (default: 0)")
     add_shared_flags(p, checkpoint_default=None)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a name")
-    p.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast for the forward pass (CUDA only)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="bf16: bfloat16 autocast for the forward pass (loss and weights stay "
+                        "float32), where the hardware has it; auto: bf16 on CPUs with AMX or "
+                        "AVX512-BF16, else fp32 (default: auto, or the checkpoint's)")
+    p.add_argument("--amp", dest="precision", action="store_const", const="bf16",
+                   help="the same as --precision bf16")
     p.add_argument("--deterministic", action="store_true",
                    help="use only deterministic algorithms (matters on CUDA; see "
                         "docs/reference.md)")
