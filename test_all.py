@@ -1612,7 +1612,8 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     assert "MFLOP per image" in out and "evaluation:" in out
     assert "evaluation after each epoch (denoise + PSNR + SSIM)" in out
     assert "variant fused-adam:" in out and "variant batch-256:" in out
-    assert "x the project's loop (median of 1 pairs)" in out
+    assert "variant bf16:" in out and "bfloat16" in out  # always: fp32 against bf16
+    assert "x the project's float32 loop (median of 1 pairs)" in out
     with pytest.raises(SystemExit) as e:
         speed.main(["--variants", "fused-adam,turbo"])
     assert e.value.code == 2 and "unknown turbo" in capsys.readouterr().err

@@ -237,18 +237,20 @@ def fixed_noisy_test_set(clean, noise):
 
 
 @torch.inference_mode()
-def denoise(net, noisy, batch_size=EVAL_BATCH_SIZE):
-    """Run the model over `noisy` in batches, in eval mode: N x C x H x W -> N x C x H x W."""
+def denoise(net, noisy, batch_size=EVAL_BATCH_SIZE, amp=False):
+    """Run the model over `noisy` in batches, in eval mode: N x C x H x W -> N x C x H x W
+    (float32; `amp`: computed under bfloat16 autocast)."""
     was_training = net.training
     net.eval()
-    out = torch.cat([net(chunk) for chunk in noisy.split(batch_size)])  # N x C x H x W
+    with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = torch.cat([net(chunk).float() for chunk in noisy.split(batch_size)])
     net.train(was_training)
-    return out
+    return out  # N x C x H x W
 
 
-def evaluate(net, noisy, clean):
+def evaluate(net, noisy, clean, amp=False):
     """Denoise `noisy` and score it against `clean`: returns (PSNR dB, SSIM)."""
-    restored = denoise(net, noisy)  # N x C x H x W
+    restored = denoise(net, noisy, amp=amp)  # N x C x H x W
     return psnr(restored, clean), ssim(restored, clean)
 
 
@@ -624,7 +626,7 @@ def train_epochs(state, config, *, train_x, test, path, history, position, stop)
             return save_stop(make_checkpoint(state, config, history, e.position), path, stop,
                              epochs, f"in epoch {epoch} after step {e.position['step']}")
         position, seconds = None, time.perf_counter() - start
-        test_psnr, test_ssim = evaluate(state.net, test.noisy, test.clean)
+        test_psnr, test_ssim = evaluate(state.net, test.noisy, test.clean, amp)
         history = history + [{"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr,
                               "test_ssim": test_ssim, "seconds": time.perf_counter() - start}]
         say(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "

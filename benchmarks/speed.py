@@ -53,24 +53,25 @@ def tutorial_run(net, root, steps, noise_std, seed):
     return seen / (time.perf_counter() - start)
 
 
-def project_run(net, images, steps, batch_size, noise_std, seed, fused=False):
+def project_run(net, images, steps, batch_size, noise_std, seed, fused=False, amp=False):
     """Train `steps` batches with this project's loop; returns images per second. `fused` uses
-    Adam's fused kernel (a variant; train.py uses the default)."""
+    Adam's fused kernel (a variant; train.py uses the default); `amp`: bfloat16 autocast."""
     net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=fused or None)
     generator = torch.Generator().manual_seed(seed)
     subset = images[: steps * batch_size]  # N x 1 x 28 x 28, already in memory
     start = time.perf_counter()
     noise = train.Noise("gaussian", noise_std)
-    train.train_epoch(net, optimizer, subset, generator, noise=noise, batch_size=batch_size)
+    train.train_epoch(net, optimizer, subset, generator, noise=noise, batch_size=batch_size,
+                      amp=amp)
     return len(subset) / (time.perf_counter() - start)
 
 
-VARIANTS = ("fused-adam", "batch-256", "batch-512", "compile")
+VARIANTS = ("bf16", "fused-adam", "batch-256", "batch-512", "compile")
 
 
 def variant_speeds(fresh, images, steps, noise_std, names, pairs=3):
-    """The project's loop at batch 128 (A) against one change at a time (B), each run on the
+    """The project's loop at batch 128 in float32 (A) against one change at a time (B), on the
     same steps x 128 images, alternating A, B `pairs` times. Yields (name, median B/A ratio,
     B's median images/s, note); `fresh()` gives the model to train."""
     for name in names:
@@ -81,6 +82,8 @@ def variant_speeds(fresh, images, steps, noise_std, names, pairs=3):
                 batch = int(name.split("-")[1])
                 speed = project_run(fresh(), images, max(1, steps * 128 // batch), batch,
                                     noise_std, seed=pair)
+            elif name == "bf16":
+                speed = project_run(fresh(), images, steps, 128, noise_std, seed=pair, amp=True)
             elif name == "fused-adam":
                 speed = project_run(fresh(), images, steps, 128, noise_std, seed=pair, fused=True)
             elif name == "compile":
@@ -112,16 +115,16 @@ def variant_list(text):
     return names
 
 
-def evaluation_speed(net, clean, noise_std):
+def evaluation_speed(net, clean, noise_std, amp=False):
     """How fast train.py scores the test set after every epoch: (images per second of
     denoising it, seconds of the whole evaluation: denoise, then PSNR and SSIM)."""
     noisy = train.fixed_noisy_test_set(clean, train.Noise("gaussian", noise_std))  # N x C x H x W
     net = net.to(memory_format=torch.channels_last)
-    train.evaluate(net, noisy[:1000], clean[:1000])  # warm-up
+    train.evaluate(net, noisy[:1000], clean[:1000], amp)  # warm-up
     start = time.perf_counter()
-    train.denoise(net, noisy)
+    train.denoise(net, noisy, amp=amp)
     middle = time.perf_counter()
-    train.evaluate(net, noisy, clean)
+    train.evaluate(net, noisy, clean, amp)
     return len(noisy) / (middle - start), time.perf_counter() - middle
 
 
@@ -213,20 +216,22 @@ def measure(ds, root, *, steps, batch_size, pairs, profile, variants=(), noise_s
         net.load_state_dict(initial)
         return net
 
+    native = train.resolve_precision("auto", torch.device("cpu")) == "bf16"  # as train.py runs
     print(f"model: {config['arch']} {config['widths']}, {steps} steps per run, "
           f"tutorial batch {TUTORIAL_BATCH_SIZE}, project batch {batch_size}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; this CPU "
+          f"{'computes bfloat16 natively: the project runs in bf16' if native else 'has no native bfloat16: the project runs in fp32'}")
     ratios, project_speeds = [], []
     for pair in range(1, pairs + 1):
         a = tutorial_run(fresh(), root, steps, noise_std, seed=pair)
-        b = project_run(fresh(), ds.train_x, steps, batch_size, noise_std, seed=pair)
+        b = project_run(fresh(), ds.train_x, steps, batch_size, noise_std, seed=pair, amp=native)
         ratios.append(b / a)
         project_speeds.append(b)
         print(f"pair {pair}: tutorial {a:8,.0f} img/s   project {b:8,.0f} img/s   "
               f"ratio {b / a:.2f}x", flush=True)
     print(f"median ratio (project / tutorial): {statistics.median(ratios):.2f}x")
 
-    denoising, evaluation = evaluation_speed(fresh(), ds.test_x, noise_std)
+    denoising, evaluation = evaluation_speed(fresh(), ds.test_x, noise_std, amp=native)
     print(f"evaluation: {denoising:,.0f} img/s (denoising {len(ds.test_x):,} test images, "
           f"batches of {train.EVAL_BATCH_SIZE})")
     print(f"evaluation after each epoch (denoise + PSNR + SSIM): {evaluation:.2f} s")
@@ -236,11 +241,12 @@ def measure(ds, root, *, steps, batch_size, pairs, profile, variants=(), noise_s
     print(f"training cost: {flops / 1e6:.2f} MFLOP per image (forward + backward); "
           f"achieved {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of this CPU's "
           f"measured matmul throughput ({peak / 1e9:.0f} GFLOP/s)")
+    variants = ["bf16"] + [name for name in variants if name != "bf16"]  # always: fp32 vs bf16
     if variants:
         images = ds.train_x[: steps * 128]  # N x 1 x 28 x 28, the same for every variant
         for name, ratio, speed, note in variant_speeds(fresh, images, steps, noise_std, variants,
                                                        pairs):
-            print(f"variant {name}: {speed:,.0f} img/s, {ratio:.2f}x the project's loop "
+            print(f"variant {name}: {speed:,.0f} img/s, {ratio:.2f}x the project's float32 loop "
                   f"(median of {pairs} pairs){note}", flush=True)
     if profile:
         print(profile_steps(fresh(), ds.train_x, 30, batch_size, noise_std))
