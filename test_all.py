@@ -1383,6 +1383,93 @@ def test_resume_refuses_other_data_and_changed_flags(tmp_path, monkeypatch, caps
 
 
 # =========================================================================================
+# several processes (torchrun)
+# =========================================================================================
+
+# train.py under torchrun, with test hooks: every rank saves its weights when training ends;
+# rank 0 raises SIGTERM before Adam's step STOP_AT, rank 1 dies before step DIE_AT.
+_TORCHRUN_HOOKS = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {root!r})
+import train
+rank, real_epochs, real_step = int(os.environ["RANK"]), train.train_epochs, train.train_step
+def train_epochs(state, config, **kwargs):
+    code = real_epochs(state, config, **kwargs)
+    torch.save(train.unwrap(state.net).state_dict(), f"weights-{{rank}}.pt")
+    return code
+def train_step(net, optimizer, *args, **kwargs):
+    step = int(optimizer.state.get(next(iter(net.parameters())), {{}}).get("step", 0)) + 1
+    if rank == 0 and step == int(os.environ.get("STOP_AT", 0)):
+        signal.raise_signal(signal.SIGTERM)
+    if rank == 1 and step == int(os.environ.get("DIE_AT", 0)):
+        os._exit(9)
+    return real_step(net, optimizer, *args, **kwargs)
+train.train_epochs, train.train_step = train_epochs, train_step
+sys.exit(train.main())
+"""
+
+
+def _torchrun(folder, *flags, **env):
+    """train.py under torchrun with 2 CPU processes (gloo) on the sample, batch 256, in
+    `folder`; returns the finished process (its output in .stdout and .stderr)."""
+    folder.mkdir(exist_ok=True)
+    hooks = folder / "hooks.py"
+    hooks.write_text(_TORCHRUN_HOOKS.format(root=os.path.dirname(os.path.abspath(__file__))))
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(hooks), "--dataset", "mnist-sample", "--batch-size", "256", *flags]
+    return subprocess.run(argv, cwd=folder, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+@pytest.fixture(scope="session")
+def torchrun_two_epochs(tmp_path_factory):
+    """(finished torchrun process, its folder): 2 epochs, 2 processes, run.pt."""
+    folder = tmp_path_factory.mktemp("torchrun") / "straight"
+    return _torchrun(folder, "--epochs", "2", "--checkpoint", "run.pt"), folder
+
+
+def test_torchrun_trains_one_model_that_any_script_loads(torchrun_two_epochs, capsys):
+    run, folder = torchrun_two_epochs
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("epoch   2 ") == 1 and "x 2 processes" in run.stdout  # rank 0 prints
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "hooks.py", "run.pt", "weights-0.pt", "weights-1.pt"]  # one checkpoint, no lock file
+    ranks = [torch.load(folder / f"weights-{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0]
+               if "running" not in k and "num_batches" not in k)  # each rank keeps its BN stats
+    ckpt = train.load_checkpoint(str(folder / "run.pt"))
+    assert _same_tensors(ckpt["model"], ranks[0])  # rank 0's, without a "module." prefix
+    assert len(ckpt["rng"]["processes"]) == 2
+    assert ckpt["history"][-1]["test_psnr"] > 14  # the noisy input: 9.4 dB
+    assert visualize.main(["--checkpoint", str(folder / "run.pt"), "--out", "a.png"]) == 0
+    # one process continues what two began, and says what that changes
+    assert train.main(["--resume", str(folder / "run.pt"), "--epochs", "3",
+                       "--checkpoint", "alone.pt"]) == 0
+    assert "2 processes trained it and 1 continue it" in capsys.readouterr().out
+
+
+def test_torchrun_stops_together_and_resumes_exactly(tmp_path, torchrun_two_epochs):
+    cut = _torchrun(tmp_path / "cut", "--epochs", "2", "--checkpoint", "run.pt", STOP_AT="20")
+    assert cut.returncode != 0, cut.stderr
+    assert cut.stderr.count("stopped by SIGTERM in epoch 2 after step 4; saved run.pt") == 1
+    saved = torch.load(tmp_path / "cut" / "run.pt", weights_only=True)
+    assert (saved["epoch"], saved["position"]["step"]) == (1, 4)
+    resumed = _torchrun(tmp_path / "cut", "--resume", "run.pt", "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (torch.load(f / "run.pt", weights_only=True)
+            for f in (torchrun_two_epochs[1], tmp_path / "cut"))
+    assert _same_tensors(a["model"], b["model"])
+    assert [h["test_psnr"] for h in a["history"]] == [h["test_psnr"] for h in b["history"]]
+
+
+def test_torchrun_a_dead_process_ends_the_others(tmp_path):
+    run = _torchrun(tmp_path / "dies", "--epochs", "3", "--checkpoint", "run.pt", DIE_AT="20")
+    assert run.returncode != 0
+    assert train.load_checkpoint(str(tmp_path / "dies" / "run.pt"))["epoch"] == 1  # intact
+
+
+# =========================================================================================
 # visualize
 # =========================================================================================
 

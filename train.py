@@ -151,10 +151,11 @@ class Interrupted(Exception):
 
 
 def train_epoch(net, optimizer, images, generator, *, noise, batch_size, scheduler=None,
-                amp=False, position=None, should_stop=None, progress=None):
+                amp=False, position=None, should_stop=None, progress=None, share=(0, 1)):
     """One pass over `images` (clean, N x C x H x W) in an order drawn by `generator`, one
     train_step per batch (then a scheduler step). Returns the mean training loss as a float;
-    raises NonFiniteLoss if it is NaN or infinite.
+    raises NonFiniteLoss if it is NaN or infinite. share=(rank, processes): this process
+    trains on every processes-th image of each batch, and returns its part of the mean.
 
     `should_stop()` is asked after every step; when it says yes, Interrupted carries the
     position after that step ({"order", "step", "loss_sum"}). Passing it back as `position`,
@@ -165,8 +166,9 @@ def train_epoch(net, optimizer, images, generator, *, noise, batch_size, schedul
         position = {"order": data.shuffle(len(images), generator), "step": 0, "loss_sum": 0.0}
     order, done = position["order"].to(images.device), position["step"]  # N, steps done
     total = torch.tensor(position["loss_sum"], device=images.device)  # on the device: no sync
-    step = done
+    step, (rank, processes) = done, share
     for step, idx in enumerate(data.batches(order, batch_size, done), done + 1):
+        idx = idx[rank::processes]  # this process's part of the batch (alone: all of it)
         total += train_step(net, optimizer, images[idx], noise, generator, amp) * len(idx)
         if scheduler is not None:
             scheduler.step()
@@ -275,14 +277,17 @@ def save_checkpoint(checkpoint, path):
     data.atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def make_checkpoint(state, config, history, position=None):
+def make_checkpoint(state, config, history, position=None, generators=None):
     """What train.py saves: the model and its config for visualize.py, plus all an exact resume
-    needs (optimizer, schedule, epochs done, random states, position inside an epoch)."""
+    needs (optimizer, schedule, epochs done, random states, position inside an epoch).
+    `generators`: the generator states of all processes under torchrun, by rank."""
     rng = {"generator": state.generator.get_state(), "torch_cpu": torch.get_rng_state(),
-           "device": state.generator.device.type}  # a generator's state fits its device only
+           "device": state.generator.device.type,  # a generator's state fits its device only
+           "processes": generators or [state.generator.get_state()]}
     if torch.cuda.is_available():
         rng["torch_cuda"] = torch.cuda.get_rng_state_all()
-    return {"model": {k: v.detach().cpu() for k, v in state.net.state_dict().items()},
+    weights = unwrap(state.net).state_dict()  # no "module." prefix under torchrun
+    return {"model": {k: v.detach().cpu() for k, v in weights.items()},
             "config": config, "history": history, "epoch": len(history),
             "optimizer": state.optimizer.state_dict(), "rng": rng, "position": position,
             "scheduler": None if state.scheduler is None else state.scheduler.state_dict()}
@@ -375,9 +380,10 @@ def open_resume(path, epochs):
     return checkpoint
 
 
-def restore_state(state, checkpoint, path, images_per_epoch):
+def restore_state(state, checkpoint, path, images_per_epoch, procs):
     """Load a checkpoint's optimizer, schedule and random states into `state`, after checking
-    that they, and its interrupted epoch if any, fit this model, data and device. Raises
+    that they, and its interrupted epoch if any, fit this model, data and device. Under
+    torchrun, each process takes its own generator if as many processes saved it. Raises
     model.CheckpointError."""
     position, rng = checkpoint["position"], checkpoint["rng"]
     steps = math.ceil(images_per_epoch / checkpoint["config"]["batch_size"])
@@ -402,7 +408,10 @@ def restore_state(state, checkpoint, path, images_per_epoch):
                 raise ValueError("its optimizer state does not fit the model's weights")
         if state.scheduler is not None:
             state.scheduler.load_state_dict(checkpoint["scheduler"])
-        state.generator.set_state(rng["generator"])
+        saved = rng.get("processes") or [rng["generator"]]
+        if len(saved) == procs.world or procs.rank == 0:
+            state.generator.set_state(saved[procs.rank] if len(saved) == procs.world
+                                      else rng["generator"])
         torch.set_rng_state(rng["torch_cpu"])
         if "torch_cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["torch_cuda"])
@@ -447,6 +456,71 @@ def stop_requests():
             signal.signal(s, h)
 
 
+# ---------------------------------------------------------------- several processes (torchrun)
+
+PROCESS_TIMEOUT = 300  # seconds a process waits for the others (rank 0 scores alone) at most
+
+
+class Processes(NamedTuple):
+    """This process's rank among `world` training processes, and the device they exchange on."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+def join_processes(device):
+    """Processes(0, 1, device) when run alone; under torchrun, after joining its process group
+    (gloo on a CPU, nccl on CUDA). A process that dies ends the others within PROCESS_TIMEOUT."""
+    if "WORLD_SIZE" not in os.environ:
+        return Processes(0, 1, device)
+    import datetime
+
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(seconds=PROCESS_TIMEOUT))
+    return Processes(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
+
+
+def all_sum(value, procs):
+    """A float summed over all processes (itself when alone)."""
+    if procs.world == 1:
+        return value
+    total = torch.tensor(float(value), dtype=torch.float64, device=procs.device)
+    torch.distributed.all_reduce(total)
+    return total.item()
+
+
+def agreed_signal(signum, procs):
+    """The stop signal some process received (the largest number; 0: none), so that all
+    processes stop at the same step."""
+    if procs.world == 1:
+        return signum or 0
+    agreed = torch.tensor(signum or 0, device=procs.device)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+    return int(agreed)
+
+
+def same_order(order, procs):
+    """Rank 0's data order, on every process."""
+    if procs.world > 1:
+        torch.distributed.broadcast(order, src=0)
+    return order
+
+
+def all_generators(generator, procs):
+    """Every process's generator state, by rank (None when alone), to save for an exact resume."""
+    if procs.world == 1:
+        return None
+    states = [None] * procs.world
+    torch.distributed.all_gather_object(states, generator.get_state().cpu())
+    return states
+
+
+def unwrap(net):
+    """The model inside DistributedDataParallel's wrapper (itself when alone)."""
+    return getattr(net, "module", net)
+
+
 # ---------------------------------------------------------------- the training run
 
 
@@ -458,12 +532,19 @@ def main(argv=None):
     with stop_requests() as stop:
         try:
             return run_training(args, stop)
+        except torch.distributed.DistError as e:  # a process died or stopped answering
+            print(f"train.py: error: the training processes lost each other: "
+                  f"{data.one_line(e, 300)}", file=sys.stderr)
+            return 1
         except (UsageError, data.DataError, model.CheckpointError, BlockingIOError) as e:
             print(f"train.py: error: {data.one_line(e, 1000)}", file=sys.stderr)
             return 2
         except StopRequest as e:  # while loading: nothing new to save
             print(f"train.py: stopped by {e} before training; nothing saved", file=sys.stderr)
             return 128 + e.signum
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 def run_training(args, stop):
@@ -471,35 +552,47 @@ def run_training(args, stop):
     checkpoint = open_resume(args.resume, args.epochs) if args.resume else None
     config = run_config(args, checkpoint)
     path = output_path(args.checkpoint, args.resume)
-    with data.exclusive(path):  # no other run writes this file meanwhile
-        refuse_replacing(path, args.resume, args.overwrite)
-        device = open_device(args.device)
-        config = {**config, "precision": resolve_precision(config["precision"], device)}
+    device = open_device(args.device)
+    config = {**config, "precision": resolve_precision(config["precision"], device)}
+    procs = join_processes(device)
+    with (data.exclusive(path) if procs.rank == 0 else contextlib.nullcontext(),
+          contextlib.redirect_stdout(None) if procs.rank else contextlib.nullcontext()):
+        refuse_replacing(path, args.resume, args.overwrite)  # rank 0 alone writes, and prints
         net = model.restore_model(checkpoint, args.resume) if checkpoint else None
         if config["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA work
             torch.use_deterministic_algorithms(True)
         ds, config = load_data(config, resumed=args.resume)
-        state, train_x = setup(config, net, ds, device)
+        state, train_x = setup(config, net, ds, procs)
         history, position = [], None
         if checkpoint:
-            restore_state(state, checkpoint, args.resume, data.images_per_epoch(train_x))
+            restore_state(state, checkpoint, args.resume, data.images_per_epoch(train_x), procs)
             history, position = checkpoint["history"], checkpoint["position"]
-            where = f", step {position['step']}" if position else ""
-            print(f"resuming {args.resume}: {len(history)} epochs done{where}, "
-                  f"training to {args.epochs}")
+            say_resuming(args.resume, checkpoint, args.epochs, procs.world)
         print(f"model: {config['arch']} {config['widths']}, "
-              f"{model.count_parameters(state.net):,} parameters, device {device}, "
-              f"{data.images_per_epoch(train_x):,} training images per epoch, "
+              f"{model.count_parameters(state.net):,} parameters, device {device}"
+              + (f" x {procs.world} processes" if procs.world > 1 else "")
+              + f", {data.images_per_epoch(train_x):,} training images per epoch, "
               f"lr {config['lr']:g} {config['lr_schedule']}")
-        test = scored_test_set(ds.test_x.to(device), config_noise(config))
+        test = scored_test_set(ds.test_x.to(device), config_noise(config)) if not procs.rank else None
         stop["training"] = True
         try:
             return train_epochs(state, config, train_x=train_x, test=test, path=path,
-                                history=history, position=position, stop=stop)
+                                history=history, position=position, stop=stop, procs=procs)
         except StopRequest as e:
             return fail(128 + e.signum, f"stopped at once by a second {e}; {path} is as the "
                                         f"last completed save left it")
+
+
+def say_resuming(path, checkpoint, epochs, world):
+    """Say where a resumed run continues, and if the number of processes changed, what that
+    changes."""
+    position, saved = checkpoint["position"], len(checkpoint["rng"].get("processes") or [1])
+    where = f", step {position['step']}" if position else ""
+    print(f"resuming {path}: {len(checkpoint['history'])} epochs done{where}, training to {epochs}")
+    if saved != world:
+        print(f"note: {saved} processes trained it and {world} continue it: the weights, optimizer "
+              f"and data order continue, the noise draws differ from an uninterrupted run")
 
 
 def run_config(args, checkpoint):
@@ -568,19 +661,30 @@ def load_data(config, resumed):
                 "image_size": size, "data_fingerprint": fingerprint}
 
 
-def setup(config, net, ds, device):
+def setup(config, net, ds, procs):
     """The model (built from the config, unless resumed), optimizer, schedule and generator of
-    a run, and its training images on `device`. Returns (state, train_x)."""
+    a run, and its training images on the device. Returns (state, train_x). Under torchrun the
+    model is wrapped in DistributedDataParallel and each process draws its own noise."""
     random.seed(config["seed"])  # the weights' initialisation, and any other global draw
     np.random.seed(config["seed"])
     torch.manual_seed(config["seed"])  # seeds CUDA too
     net = model.build_model(config) if net is None else net
-    net = net.to(device).to(memory_format=torch.channels_last)  # oneDNN's fast kernels on CPU
-    train_x = ds.train_x.to(device) if isinstance(ds.train_x, torch.Tensor) else ds.train_x
+    net = net.to(procs.device).to(memory_format=torch.channels_last)  # oneDNN's fast kernels
+    if procs.world > 1 and procs.device.type == "cuda":  # BatchNorm over the whole batch
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # (gloo cannot: CPU)
+    train_x = ds.train_x.to(procs.device) if isinstance(ds.train_x, torch.Tensor) else ds.train_x
     optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"])
-    steps = math.ceil(data.images_per_epoch(train_x) / config["batch_size"])
-    scheduler = make_scheduler(optimizer, config["lr_schedule"], steps * config["epochs"])
-    generator = torch.Generator(device=device).manual_seed(config["seed"])  # order and noise
+    images, batch_size = data.images_per_epoch(train_x), config["batch_size"]
+    scheduler = make_scheduler(optimizer, config["lr_schedule"],
+                               math.ceil(images / batch_size) * config["epochs"])
+    # rank 0 draws what a lone process draws; the others' streams start far from any --seed's
+    generator = torch.Generator(device=procs.device).manual_seed(config["seed"] + (procs.rank << 32))
+    if procs.world > 1:
+        if min(batch_size, images % batch_size or batch_size) < procs.world:
+            raise UsageError(f"--batch-size {batch_size} leaves a batch of fewer images than the "
+                             f"{procs.world} processes ({images} per epoch); choose another")
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
     return TrainState(net, optimizer, scheduler, generator), train_x
 
 
@@ -600,47 +704,71 @@ def scored_test_set(clean, noise):
     return TestSet(clean, noisy, baseline)
 
 
-def train_epochs(state, config, *, train_x, test, path, history, position, stop):
-    """Train from len(history) to config["epochs"] epochs, scoring and saving after each;
-    returns the exit code. A stop signal saves a resumable checkpoint inside the epoch."""
+def train_epochs(state, config, *, train_x, test, path, history, position, stop, procs):
+    """Train from len(history) to config["epochs"] epochs, scoring and saving after each (rank
+    0); returns the exit code. A stop signal saves a resumable checkpoint inside the epoch."""
     from tqdm import tqdm
 
     noise, batch_size, epochs = config_noise(config), config["batch_size"], config["epochs"]
     amp = config["precision"] == "bf16"
+
+    def should_stop():  # when any process got a signal, all stop after the same step
+        stop["signal"] = agreed_signal(stop["signal"], procs) or None
+        return stop["signal"] is not None
+
     for epoch in range(len(history) + 1, epochs + 1):
         start = time.perf_counter()
         images = data.epoch_images(train_x, config["crop"], config["seed"], epoch)
-        images = images.to(test.clean.device)  # N x C x H x W
-        steps = math.ceil(len(images) / batch_size)
+        images = images.to(procs.device)  # N x C x H x W
+        if position is None and procs.world > 1:  # one data order for all: rank 0's
+            order = same_order(data.shuffle(len(images), state.generator), procs)
+            position = {"order": order, "step": 0, "loss_sum": 0.0}
         try:  # disable=None: a bar on a terminal, none in logs and CI
-            with tqdm(total=steps, initial=position["step"] if position else 0,
-                      desc=f"epoch {epoch}", leave=False, disable=None) as bar:
+            with tqdm(total=math.ceil(len(images) / batch_size), desc=f"epoch {epoch}",
+                      initial=position["step"] if position else 0, leave=False,
+                      disable=None if procs.rank == 0 else True) as bar:
                 loss = train_epoch(state.net, state.optimizer, images, state.generator,
                                    noise=noise, batch_size=batch_size, scheduler=state.scheduler,
                                    amp=amp, position=position, progress=bar,
-                                   should_stop=lambda: stop["signal"] is not None)
+                                   should_stop=should_stop, share=procs[:2])
         except NonFiniteLoss as e:
             return fail(1, f"the loss became NaN or infinite in epoch {epoch} by step {e.step} "
                            f"(lr {config['lr']:g}); stopped, {kept(path, history)}")
         except Interrupted as e:
-            return save_stop(make_checkpoint(state, config, history, e.position), path, stop,
-                             epochs, f"in epoch {epoch} after step {e.position['step']}")
-        position, seconds = None, time.perf_counter() - start
-        test_psnr, test_ssim = evaluate(state.net, test.noisy, test.clean, amp)
-        history = history + [{"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr,
-                              "test_ssim": test_ssim, "seconds": time.perf_counter() - start}]
-        say(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
-            f"SSIM {test_ssim:.4f}  {history[-1]['seconds']:.1f} s  "
-            f"{len(images) / seconds:,.0f} img/s  {config['precision']}")
-        if stop["signal"] is not None and epoch < epochs:  # came during the evaluation
-            return save_stop(make_checkpoint(state, config, history), path, stop, epochs,
-                             f"after epoch {epoch}")
+            position = {**e.position, "loss_sum": all_sum(e.position["loss_sum"], procs)}
+            checkpoint = make_checkpoint(state, config, history, position,
+                                         all_generators(state.generator, procs))
+            return save_stop(checkpoint, path, stop, procs.rank, epochs,
+                             f"in epoch {epoch} after step {e.position['step']}")
+        position, loss = None, all_sum(loss, procs)  # the processes' parts of the mean
+        if procs.rank == 0:
+            history = history + [scored_epoch(unwrap(state.net), test, epoch, loss, start,
+                                              len(images), config["precision"])]
+        signum, generators = agreed_signal(stop["signal"], procs), all_generators(
+            state.generator, procs)
+        checkpoint = make_checkpoint(state, config, history, None, generators)
+        if signum and epoch < epochs:  # came during the evaluation
+            stop["signal"] = signum
+            return save_stop(checkpoint, path, stop, procs.rank, epochs, f"after epoch {epoch}")
         try:
-            save_checkpoint(make_checkpoint(state, config, history), path)
+            if procs.rank == 0:
+                save_checkpoint(checkpoint, path)
         except OSError as e:
             return fail(1, f"cannot write checkpoint {path} ({data.one_line(e, 200)}); "
                            f"{kept(path, history[:-1])}")
-    return finish(path, history, test)
+    return finish(path, history, test) if procs.rank == 0 else 0
+
+
+def scored_epoch(net, test, epoch, loss, start, images, precision):
+    """Score the model after an epoch and print the epoch's line; returns its history record."""
+    seconds = time.perf_counter() - start  # training alone, for images per second
+    test_psnr, test_ssim = evaluate(net, test.noisy, test.clean, amp=precision == "bf16")
+    record = {"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr, "test_ssim": test_ssim,
+              "seconds": time.perf_counter() - start}
+    say(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
+        f"SSIM {test_ssim:.4f}  {record['seconds']:.1f} s  {images / seconds:,.0f} img/s  "
+        f"{precision}")
+    return record
 
 
 def kept(path, history):
@@ -663,10 +791,12 @@ def say(line, stream=None):
         print(line, file=stream or sys.stdout, flush=True)
 
 
-def save_stop(checkpoint, path, stop, epochs, where):
-    """Save a resumable checkpoint for a stop signal and say how to resume; returns the shell's
-    code for the signal (130 for SIGINT, 143 for SIGTERM), also when the save fails."""
+def save_stop(checkpoint, path, stop, rank, epochs, where):
+    """Save a resumable checkpoint for a stop signal (rank 0) and say how to resume; returns the
+    shell's code for the signal (130 for SIGINT, 143 for SIGTERM), also when the save fails."""
     name, code = signal.Signals(stop["signal"]).name, 128 + stop["signal"]
+    if rank:
+        return code
     try:
         save_checkpoint(checkpoint, path)
     except (OSError, StopRequest) as e:
@@ -747,6 +877,8 @@ def open_device(name):
                 else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
+        if device.type == "cuda" and device.index is None:  # under torchrun: a GPU per process
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.ones(1, device=device).add(1).cpu()  # a device that cannot compute fails here
     except Exception as e:  # torch says it in many ways: RuntimeError, AssertionError, ...
         raise UsageError(f"device {name!r} cannot be used: {data.one_line(e, 200)}") from e
