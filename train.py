@@ -9,6 +9,7 @@ resume and stop signals follow; the training run and the command line come last.
 
 import argparse
 import contextlib
+import importlib.metadata
 import math
 import os
 import random
@@ -608,10 +609,9 @@ def run_config(args, checkpoint):
                                         f"checkpoint: " + "; ".join(conflicts))
         config = old
     else:
-        import torchvision  # only for its version; imported here to keep --help fast
-
         config = {**RUN_DEFAULTS, **given, "data_dir": "data", "test_noise_seed": TEST_NOISE_SEED,
-                  "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+                  "torch": str(torch.__version__),  # torchvision's without its slow import:
+                  "torchvision": importlib.metadata.version("torchvision")}
         if config["dataset"] == "folder":
             config["crop"] = config["crop"] or data.DEFAULT_CROP
         try:

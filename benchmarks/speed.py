@@ -12,7 +12,9 @@ alternating A, B, A, B, ...; the ratio of each pair is printed, then the median.
 
 import argparse
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
@@ -115,6 +118,28 @@ def variant_list(text):
     return names
 
 
+def process_speeds(dataset, data_dir, processes, pairs):
+    """One epoch of `python train.py` as 1 process of `processes` threads (A) against
+    `processes` torchrun processes of 1 thread each (B) on `dataset`, alternated `pairs` times
+    on the same cores. Yields the training images/s of each (A, B) pair, read from train.py's epoch line."""
+    script = os.path.join(ROOT, "train.py")
+    together = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}", script]
+    with tempfile.TemporaryDirectory(prefix="speed-processes-") as scratch:
+        flags = ["--dataset", dataset, "--epochs", "1", "--data-dir", data_dir, "--overwrite",
+                 "--checkpoint", os.path.join(scratch, "run.pt")]
+        for _ in range(pairs):
+            speeds = []
+            for command, threads in (([sys.executable, script], processes), (together, 1)):
+                run = subprocess.run(command + flags, capture_output=True, text=True, cwd=scratch,
+                                     env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                found = re.search(r"([\d,]+) img/s", run.stdout)
+                if run.returncode or not found:
+                    raise RuntimeError(f"{' '.join(command)} failed: {run.stderr.strip()[-300:]}")
+                speeds.append(float(found.group(1).replace(",", "")))
+            yield tuple(speeds)
+
+
 def evaluation_speed(net, clean, noise_std, amp=False):
     """How fast train.py scores the test set after every epoch: (images per second of
     denoising it, seconds of the whole evaluation: denoise, then PSNR and SSIM)."""
@@ -177,6 +202,9 @@ def main(argv=None):
     train.add_batch_size_flag(p, default=train.RUN_DEFAULTS["batch_size"])
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's table for 30 steps of the project's loop")
+    p.add_argument("--processes", type=train.positive_int, default=None,
+                   help="also time one epoch of train.py as 1 process of N threads against N "
+                        "torchrun processes of 1 thread")
     p.add_argument("--variants", type=variant_list, default=[],
                    help="also time the project's loop with one change at a time, comma-separated: "
                         + ", ".join(VARIANTS))
@@ -200,8 +228,19 @@ def main(argv=None):
             for prefix, x, y in [("train", ds.train_x, ds.train_y),
                                  ("t10k", ds.test_x, ds.test_y)]:
                 data.write_idx(raw, prefix, (x[:, 0] * 255).round(), y)  # N x 28 x 28 uint8
-        return measure(ds, root, steps=steps, batch_size=args.batch_size, pairs=args.pairs,
+        code = measure(ds, root, steps=steps, batch_size=args.batch_size, pairs=args.pairs,
                        profile=args.profile, variants=args.variants)
+    ratios = []
+    for pair, (alone, together) in enumerate(
+            process_speeds(ds.name, args.data_dir or "data", args.processes, args.pairs)
+            if args.processes else [], 1):
+        ratios.append(together / alone)
+        print(f"processes, pair {pair}: 1 x {args.processes} threads {alone:8,.0f} img/s   "
+              f"{args.processes} x 1 thread {together:8,.0f} img/s   "
+              f"ratio {ratios[-1]:.2f}x", flush=True)
+    if ratios:
+        print(f"median ratio ({args.processes} processes / 1): {statistics.median(ratios):.2f}x")
+    return code
 
 
 def measure(ds, root, *, steps, batch_size, pairs, profile, variants=(), noise_std=0.5):
