@@ -1461,6 +1461,7 @@ def test_torchrun_stops_together_and_resumes_exactly(tmp_path, torchrun_two_epoc
             for f in (torchrun_two_epochs[1], tmp_path / "cut"))
     assert _same_tensors(a["model"], b["model"])
     assert [h["test_psnr"] for h in a["history"]] == [h["test_psnr"] for h in b["history"]]
+    assert b["history"][-1]["train_loss"] == pytest.approx(a["history"][-1]["train_loss"])
 
 
 def test_torchrun_a_dead_process_ends_the_others(tmp_path):

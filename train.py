@@ -569,13 +569,16 @@ def run_training(args, stop):
         if checkpoint:
             restore_state(state, checkpoint, args.resume, data.images_per_epoch(train_x), procs)
             history, position = checkpoint["history"], checkpoint["position"]
+            if position and procs.rank:  # the loss summed so far counts once, on rank 0
+                position = {**position, "loss_sum": 0.0}
             say_resuming(args.resume, checkpoint, args.epochs, procs.world)
         print(f"model: {config['arch']} {config['widths']}, "
               f"{model.count_parameters(state.net):,} parameters, device {device}"
               + (f" x {procs.world} processes" if procs.world > 1 else "")
               + f", {data.images_per_epoch(train_x):,} training images per epoch, "
               f"lr {config['lr']:g} {config['lr_schedule']}")
-        test = scored_test_set(ds.test_x.to(device), config_noise(config)) if not procs.rank else None
+        # rank 0 alone scores
+        test = None if procs.rank else scored_test_set(ds.test_x.to(device), config_noise(config))
         stop["training"] = True
         try:
             return train_epochs(state, config, train_x=train_x, test=test, path=path,
@@ -678,7 +681,8 @@ def setup(config, net, ds, procs):
     scheduler = make_scheduler(optimizer, config["lr_schedule"],
                                math.ceil(images / batch_size) * config["epochs"])
     # rank 0 draws what a lone process draws; the others' streams start far from any --seed's
-    generator = torch.Generator(device=procs.device).manual_seed(config["seed"] + (procs.rank << 32))
+    stream = config["seed"] + (procs.rank << 32)
+    generator = torch.Generator(device=procs.device).manual_seed(stream)
     if procs.world > 1:
         if min(batch_size, images % batch_size or batch_size) < procs.world:
             raise UsageError(f"--batch-size {batch_size} leaves a batch of fewer images than the "
@@ -736,8 +740,8 @@ def train_epochs(state, config, *, train_x, test, path, history, position, stop,
                            f"(lr {config['lr']:g}); stopped, {kept(path, history)}")
         except Interrupted as e:
             position = {**e.position, "loss_sum": all_sum(e.position["loss_sum"], procs)}
-            checkpoint = make_checkpoint(state, config, history, position,
-                                         all_generators(state.generator, procs))
+            generators = all_generators(state.generator, procs)
+            checkpoint = make_checkpoint(state, config, history, position, generators)
             return save_stop(checkpoint, path, stop, procs.rank, epochs,
                              f"in epoch {epoch} after step {e.position['step']}")
         position, loss = None, all_sum(loss, procs)  # the processes' parts of the mean

@@ -121,7 +121,8 @@ def variant_list(text):
 def process_speeds(dataset, data_dir, processes, pairs):
     """One epoch of `python train.py` as 1 process of `processes` threads (A) against
     `processes` torchrun processes of 1 thread each (B) on `dataset`, alternated `pairs` times
-    on the same cores. Yields the training images/s of each (A, B) pair, read from train.py's epoch line."""
+    on the same cores. Yields the training images/s of each (A, B) pair, read from train.py's
+    epoch line."""
     script = os.path.join(ROOT, "train.py")
     together = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={processes}", script]
@@ -258,8 +259,9 @@ def measure(ds, root, *, steps, batch_size, pairs, profile, variants=(), noise_s
     native = train.resolve_precision("auto", torch.device("cpu")) == "bf16"  # as train.py runs
     print(f"model: {config['arch']} {config['widths']}, {steps} steps per run, "
           f"tutorial batch {TUTORIAL_BATCH_SIZE}, project batch {batch_size}, "
-          f"{torch.get_num_threads()} threads; this CPU "
-          f"{'computes bfloat16 natively: the project runs in bf16' if native else 'has no native bfloat16: the project runs in fp32'}")
+          f"{torch.get_num_threads()} threads; this CPU " + (
+              "computes bfloat16 natively: the project runs in bf16" if native
+              else "has no native bfloat16: the project runs in fp32"))
     ratios, project_speeds = [], []
     for pair in range(1, pairs + 1):
         a = tutorial_run(fresh(), root, steps, noise_std, seed=pair)
