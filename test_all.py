@@ -1452,7 +1452,8 @@ def test_torchrun_trains_one_model_that_any_script_loads(torchrun_two_epochs, ca
 def test_torchrun_stops_together_and_resumes_exactly(tmp_path, torchrun_two_epochs):
     cut = _torchrun(tmp_path / "cut", "--epochs", "2", "--checkpoint", "run.pt", STOP_AT="20")
     assert cut.returncode != 0, cut.stderr
-    assert cut.stderr.count("stopped by SIGTERM in epoch 2 after step 4; saved run.pt") == 1
+    assert cut.stderr.count("stopped by SIGTERM in epoch 2 after step 4; saved run.pt; resume "
+                            "with: torchrun --standalone --nproc_per_node=2 train.py") == 1
     saved = torch.load(tmp_path / "cut" / "run.pt", weights_only=True)
     assert (saved["epoch"], saved["position"]["step"]) == (1, 4)
     resumed = _torchrun(tmp_path / "cut", "--resume", "run.pt", "--epochs", "2")

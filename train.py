@@ -742,7 +742,7 @@ def train_epochs(state, config, *, train_x, test, path, history, position, stop,
             position = {**e.position, "loss_sum": all_sum(e.position["loss_sum"], procs)}
             generators = all_generators(state.generator, procs)
             checkpoint = make_checkpoint(state, config, history, position, generators)
-            return save_stop(checkpoint, path, stop, procs.rank, epochs,
+            return save_stop(checkpoint, path, stop, procs, epochs,
                              f"in epoch {epoch} after step {e.position['step']}")
         position, loss = None, all_sum(loss, procs)  # the processes' parts of the mean
         if procs.rank == 0:
@@ -753,7 +753,7 @@ def train_epochs(state, config, *, train_x, test, path, history, position, stop,
         checkpoint = make_checkpoint(state, config, history, None, generators)
         if signum and epoch < epochs:  # came during the evaluation
             stop["signal"] = signum
-            return save_stop(checkpoint, path, stop, procs.rank, epochs, f"after epoch {epoch}")
+            return save_stop(checkpoint, path, stop, procs, epochs, f"after epoch {epoch}")
         try:
             if procs.rank == 0:
                 save_checkpoint(checkpoint, path)
@@ -795,19 +795,21 @@ def say(line, stream=None):
         print(line, file=stream or sys.stdout, flush=True)
 
 
-def save_stop(checkpoint, path, stop, rank, epochs, where):
+def save_stop(checkpoint, path, stop, procs, epochs, where):
     """Save a resumable checkpoint for a stop signal (rank 0) and say how to resume; returns the
     shell's code for the signal (130 for SIGINT, 143 for SIGTERM), also when the save fails."""
     name, code = signal.Signals(stop["signal"]).name, 128 + stop["signal"]
-    if rank:
+    if procs.rank:
         return code
     try:
         save_checkpoint(checkpoint, path)
     except (OSError, StopRequest) as e:
         return fail(code, f"stopped by {name} {where}, but the checkpoint could not be written "
                           f"({data.one_line(e, 200)}); {kept(path, checkpoint['history'])}")
+    launch = ("python" if procs.world == 1 else
+              f"torchrun --standalone --nproc_per_node={procs.world}")
     say(f"train.py: stopped by {name} {where}; saved {path}; resume with: "
-        f"python train.py --resume {path} --epochs {epochs}", sys.stderr)
+        f"{launch} train.py --resume {path} --epochs {epochs}", sys.stderr)
     return code
 
 
