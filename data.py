@@ -301,15 +301,15 @@ def load_folder(folder, channels, crop):
 
 
 def random_crops(images, size, copies, generator):
-    """`copies` random `size` x `size` crops of every image in the list `images` (C x H x W
-    each, at least `size` on both sides): N * copies x C x size x size."""
+    """`copies` random `size` x `size` crops of every image in the list `images` (... x H x W
+    each, at least `size` on both sides): N * copies x ... x size x size."""
     crops = []
     for image in images:
         h, w = image.shape[-2:]
         tops = torch.randint(0, h - size + 1, (copies,), generator=generator).tolist()
         lefts = torch.randint(0, w - size + 1, (copies,), generator=generator).tolist()
-        crops += [image[:, t:t + size, x:x + size] for t, x in zip(tops, lefts)]
-    return torch.stack(crops)  # N * copies x C x size x size
+        crops += [image[..., t:t + size, x:x + size] for t, x in zip(tops, lefts)]
+    return torch.stack(crops)  # N * copies x ... x size x size
 
 
 def crops_per_image(n_images):

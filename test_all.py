@@ -389,19 +389,19 @@ def test_noise_names_and_levels_are_checked():
 
 
 def test_noise_flags_resolve_and_bad_combinations_exit_2(capsys):
-    assert train.resolve_noise(None, None, None) == ("gaussian", 0.5)
-    assert train.resolve_noise("poisson", None, None) == ("poisson", 10.0)
-    assert train.resolve_noise(None, None, 0.3) == ("gaussian", 0.3)
+    assert train.resolve_noise(None, None, None) == train.Noise("gaussian", 0.5)
+    assert train.resolve_noise("poisson", None, None) == train.Noise("poisson", 10.0)
+    assert train.resolve_noise(None, None, 0.3) == train.Noise("gaussian", 0.3)
     speckle = train.Noise("speckle", 0.2)
     assert train.resolve_noise(None, None, None, default=speckle) == speckle
-    assert train.resolve_noise(None, 0.1, None, default=speckle) == ("speckle", 0.1)
+    assert train.resolve_noise(None, 0.1, None, default=speckle) == train.Noise("speckle", 0.1)
     # another type than the checkpoint's starts from that type's own default level
-    assert train.resolve_noise("salt-pepper", None, None,
-                               default=train.Noise("gaussian", 0.7)) == ("salt-pepper", 0.2)
+    assert train.resolve_noise("salt-pepper", None, None, default=train.Noise(
+        "gaussian", 0.7)) == train.Noise("salt-pepper", 0.2)
     args = train.parse_args(["--noise", "salt-pepper", "--noise-level", "0.05:0.3"])
     assert (args.noise, args.noise_level) == ("salt-pepper", [0.05, 0.3])
     args = train.parse_args(["--noise-std", "0.1:0.5"])
-    assert train.resolve_noise(args.noise, args.noise_level, args.noise_std) == (
+    assert train.resolve_noise(args.noise, args.noise_level, args.noise_std) == train.Noise(
         "gaussian", [0.1, 0.5])
     for bad in ("0.5:0.1", "-0.1:0.2", "0.1:", "a:b"):
         exits_2(train.parse_args, ["--noise-std", bad], capsys, "--noise-std")
@@ -677,6 +677,77 @@ def test_model_is_fed_the_noisy_images_never_the_clean_ones():
     noisy = train.fixed_noisy_test_set(clean, SIGMA)
     train.evaluate(net, noisy, clean)
     assert torch.equal(torch.cat(seen), noisy)
+
+
+def test_clipping_biases_the_noise_and_can_be_turned_off():
+    black = torch.zeros(200, 1, 28, 28)
+    g = torch.Generator().manual_seed(0)
+    clipped = train.add_noise(black, SIGMA, g)
+    unclipped = train.add_noise(black, SIGMA._replace(clip=False), g)
+    assert clipped.min() == 0 and abs(clipped.mean() - 0.2) < 0.01  # E[max(0, N(0, .25))]
+    assert unclipped.min() < -1 and abs(unclipped.mean()) < 0.01  # zero-mean, as drawn
+    assert str(SIGMA._replace(clip=False)) == "sigma 0.5 unclipped"
+
+
+def test_blind_spot_losses_never_let_a_pixel_see_its_own_noise():
+    identity = torch.nn.Identity()  # a model that copies its input
+    noisy = torch.rand(4, 1, 28, 28)
+    g = torch.Generator().manual_seed(0)
+    assert train.noise2self_loss(identity, noisy, None, g) > 0.01  # copying cannot win
+    assert train.supervised_loss(identity, noisy, SIGMA._replace(level=0.0), g) == 0  # control
+    # neighbor2neighbor's two sub-images: side neighbours in one 2x2 cell, never the same pixel
+    position = torch.arange(28 * 28.0).view(1, 1, 28, 28)  # each pixel holds its own index
+    sampled = []
+    net = model.build_model(model.model_config())
+    net.register_forward_pre_hook(lambda module, args: sampled.append(args[0].detach().clone()))
+    train.neighbor2neighbor_loss(net, position, None, g)
+    first = sampled[0][0, 0, :14, :14]  # the half-size input, before the padding to 16 x 16
+    rows, cols = first // 28, first % 28
+    assert torch.equal(rows // 2, torch.arange(14.0).view(14, 1).expand(14, 14))
+    assert torch.equal(cols // 2, torch.arange(14.0).view(1, 14).expand(14, 14))
+    identity.widths = ()  # no padding: the loss of copying is the mean squared pixel distance
+    distance = train.neighbor2neighbor_loss(identity, position, None, g)  # the regulariser: 0
+    assert 1 < distance < 28 ** 2  # side neighbours, 1 or 28 apart: never one pixel or diagonal
+
+
+@pytest.mark.parametrize("method", ["noise2noise", "noise2self", "neighbor2neighbor"])
+def test_self_supervised_methods_learn_from_noisy_images_alone(sample, method, monkeypatch):
+    noise = SIGMA._replace(clip=False)
+    real = train.training_images
+
+    def then_poison(images, *args):  # the noisy set is drawn: no clean pixel may be read again
+        drawn = real(images, *args)
+        images.fill_(math.nan)
+        return drawn
+
+    clean = sample.train_x[:2000].clone()
+    monkeypatch.setattr(train, "training_images", then_poison)
+    noisy = train.training_images(clean, method, noise, 0)
+    assert noisy.shape == ((2000, 2, 1, 28, 28) if method == "noise2noise" else (2000, 1, 28, 28))
+    assert torch.equal(noisy, real(sample.train_x[:2000], method, noise, 0))  # drawn once, seeded
+    torch.manual_seed(0)
+    net = model.build_model(model.model_config("unet"))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss = train.train_epoch(net, optimizer, noisy, torch.Generator().manual_seed(0),
+                             noise=noise, batch_size=32, loss=train.METHODS[method])
+    assert math.isfinite(loss)  # not one NaN pixel reached the loss
+    test = sample.test_x[:500]
+    test_noisy = train.fixed_noisy_test_set(test, noise)
+    gain = train.psnr(train.denoise(net, test_noisy), test) - train.psnr(test_noisy, test)
+    assert gain > 5, (method, gain)  # the noisy input: 6 dB; 63 steps
+
+
+def test_a_method_and_clipping_are_recorded_and_kept(tmp_path, capsys):
+    ckpt = _sample_run(tmp_path, "n2s", "--epochs", "1", "--method", "noise2self",
+                       "--clip", "off")
+    assert (ckpt["config"]["method"], ckpt["config"]["clip"]) == ("noise2self", "off")
+    out = capsys.readouterr().out
+    assert "noise2self" in out and "noisy input (sigma 0.5 unclipped)" in out
+    assert visualize.main(["--checkpoint", "n2s.pt", "--out", "n2s.png"]) == 0
+    assert "sigma 0.5 unclipped" in capsys.readouterr().out
+    for flag, value in (("--method", "noise2noise"), ("--clip", "on")):
+        exits_2(train.main, ["--resume", "n2s.pt", "--epochs", "2", flag, value], capsys,
+                f"{flag} {value} (the checkpoint has")
 
 
 def test_two_epochs_on_the_sample_learn_to_denoise(sample):

@@ -48,31 +48,34 @@ MIN_PHOTONS = 1e-3  # fewer, and Poisson(x * level) / level divides by almost no
 
 
 class Noise(NamedTuple):
-    """A noise type (a key of NOISES) and its level: a float, or [lo, hi] to draw one level per
-    image uniformly (blind training: one model for a range of levels)."""
+    """A noise type (a key of NOISES), its level: a float, or [lo, hi] to draw one level per
+    image uniformly (blind training: one model for a range of levels), and whether noisy pixels
+    are clipped to [0, 1] (clipping makes the noise's mean non-zero near black and white)."""
 
     kind: str
     level: object
+    clip: bool = True
 
-    def __str__(self):  # 'sigma 0.5', 'salt-pepper 0.2', 'sigma 0.1:0.5'
+    def __str__(self):  # 'sigma 0.5', 'salt-pepper 0.2', 'sigma 0.1:0.5 unclipped'
         level = self.level if isinstance(self.level, (list, tuple)) else [self.level]
         return ("sigma " if self.kind == "gaussian" else f"{self.kind} ") + ":".join(
-            f"{v:g}" for v in level)
+            f"{v:g}" for v in level) + ("" if self.clip else " unclipped")
 
 
 def config_noise(config):
     """The Noise a checkpoint config records."""
-    return Noise(config["noise"], config["noise_level"])
+    return Noise(config["noise"], config["noise_level"], config.get("clip", "on") == "on")
 
 
 def add_noise(images, noise, generator):
-    """Noisy copies of `images` (N x C x H x W in [0, 1]), clipped to [0, 1].
+    """Noisy copies of `images` (N x C x H x W in [0, 1]), clipped to [0, 1] if noise.clip.
 
     "gaussian" adds N(0, level^2); "speckle" adds images * N(0, level^2); "salt-pepper" sets a
     fraction `level` of the values to 0 or 1; "poisson" counts Poisson(images * level) photons
     and divides by `level`. The same generator state gives the same noisy images.
     """
-    kind, level = noise
+    kind, level = noise[:2]
+    clip = (lambda x: x.clamp_(0, 1)) if noise.clip else (lambda x: x)  # in place
     if isinstance(level, (list, tuple)):  # one level per image, N x 1 x 1 x 1
         lo, hi = level
         level = torch.rand((len(images),) + (1,) * (images.dim() - 1), generator=generator,
@@ -80,23 +83,23 @@ def add_noise(images, noise, generator):
     draw = {"generator": generator, "device": images.device, "dtype": images.dtype}
     if kind == "gaussian":
         noise = torch.randn(images.shape, **draw)  # N x C x H x W
-        return noise.mul_(level).add_(images).clamp_(0, 1)  # in place: one allocation per batch
+        return clip(noise.mul_(level).add_(images))  # in place: one allocation per batch
     if kind == "speckle":
         noise = torch.randn(images.shape, **draw)  # N x C x H x W
-        return noise.mul_(level).add_(1).mul_(images).clamp_(0, 1)
+        return clip(noise.mul_(level).add_(1).mul_(images))
     if kind == "salt-pepper":
         u = torch.rand(images.shape, **draw)  # N x C x H x W, uniform in [0, 1)
         salt_or_pepper = (u >= level / 2).to(images.dtype)  # 0 below level / 2, else 1
         return torch.where(u < level, salt_or_pepper, images)  # N x C x H x W
     if kind == "poisson":
         photons = torch.poisson(images * level, generator=generator)  # N x C x H x W
-        return photons.div_(level).clamp_(0, 1)
+        return clip(photons.div_(level))
     check_noise(noise)  # an unknown type: raises, naming the known ones
 
 
 def check_noise(noise):
     """Raise ValueError (one line) unless `noise` is a known type with a level it can have."""
-    kind, level = noise
+    kind, level = noise[:2]
     if kind not in NOISES:
         raise ValueError(f"unknown noise {kind!r} (choose from {', '.join(NOISES)})")
     levels = list(level) if isinstance(level, (list, tuple)) else [level]
@@ -115,24 +118,117 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# ---------------------------------------------------------------- losses: with and without clean images
+
+# Each loss takes (model, batch, noise, generator). Supervised batches are clean images; the
+# self-supervised ones never see a clean image: their batches are noisy images drawn once.
+N2S_GRID = 4  # noise2self hides every 4th pixel in both directions: 16 phases
+N2N_GAMMA = 2.0  # neighbor2neighbor's regulariser weight (Huang et al. 2021)
+
+
+def supervised_loss(net, clean, noise, generator):
+    """MSE between the model's output for a noisy copy of `clean` (B x C x H x W) and `clean`.
+    The model sees only the noisy batch (feeding it the clean one, a common tutorial bug,
+    trains an identity map)."""
+    noisy = add_noise(clean, noise, generator)  # B x C x H x W
+    return F.mse_loss(net(noisy).float(), clean)
+
+
+def noise2noise_loss(net, pairs, noise=None, generator=None):
+    """Noise2Noise (Lehtinen et al., ICML 2018): the model maps one noisy copy of an image to
+    another, independent one. pairs: B x 2 x C x H x W. With zero-mean noise the expected
+    target is the clean image, so the minimiser is the same as with clean targets."""
+    noisy, target = pairs[:, 0].contiguous(), pairs[:, 1]  # contiguous: the fast kernels
+    return F.mse_loss(net(noisy).float(), target)
+
+
+def noise2self_loss(net, noisy, noise, generator):
+    """Noise2Self (Batson & Royer, ICML 2019): hide one phase of a N2S_GRID x N2S_GRID grid of
+    pixels, replace each by the mean of its 8 neighbours, and score the output only at the
+    hidden pixels against the noisy input (B x C x H x W). The model cannot copy a pixel's own
+    noise, so it learns to predict it from its neighbours."""
+    c, (h, w) = noisy.shape[1], noisy.shape[-2:]
+    row, col = torch.randint(0, N2S_GRID, (2,), generator=generator,
+                             device=generator.device).tolist()
+    hidden = torch.zeros(h, w, dtype=torch.bool, device=noisy.device)  # H x W
+    hidden[row::N2S_GRID, col::N2S_GRID] = True
+    ring = torch.ones(c, 1, 3, 3, device=noisy.device, dtype=noisy.dtype) / 8
+    ring[:, :, 1, 1] = 0  # the 8 neighbours, not the pixel itself
+    mean = F.conv2d(F.pad(noisy, (1, 1, 1, 1), mode="reflect"), ring, groups=c)  # B x C x H x W
+    restored = net(torch.where(hidden, mean, noisy)).float()  # B x C x H x W
+    return F.mse_loss(restored[..., hidden], noisy[..., hidden])
+
+
+def neighbor2neighbor_loss(net, noisy, noise, generator):
+    """Neighbor2Neighbor (Huang et al., CVPR 2021): from each 2x2 cell of a noisy batch
+    (B x C x H x W) take one pixel and one of its two side neighbours, giving two half-size
+    images whose noise is independent; the model maps one to the other. The regulariser asks
+    the same of the model's output for the whole image, sampled the same way (weight
+    N2N_GAMMA), which corrects for the two pixels not sharing the same clean value."""
+    b, _, h, w = noisy.shape
+    first = torch.randint(0, 4, (b, 1, h // 2, w // 2), generator=generator,
+                          device=generator.device).to(noisy.device)  # cell index 0..3
+    side = torch.randint(0, 2, first.shape, generator=generator,
+                         device=generator.device).to(noisy.device)
+    second = torch.where(side.bool(), first ^ 1, first ^ 2)  # 0-1 and 2-3 row, 0-2 and 1-3 column
+
+    def pick(images, index):  # B x C x H x W -> B x C x H/2 x W/2
+        cells = F.pixel_unshuffle(images, 2).unflatten(1, (-1, 4))  # B x C x 4 x H/2 x W/2
+        return cells.gather(2, index.unsqueeze(1).expand(-1, cells.shape[1], -1, -1, -1))[:, :, 0]
+
+    multiple = model.size_multiple(unwrap(net).widths)
+    g1, g2 = pick(noisy, first), pick(noisy, second)  # B x C x H/2 x W/2 each
+    out = forward_padded(net, g1, multiple).float()  # B x C x H/2 x W/2
+    with torch.no_grad():
+        whole = net(noisy).float()  # B x C x H x W
+    gap = pick(whole, first) - pick(whole, second)  # B x C x H/2 x W/2
+    return F.mse_loss(out, g2) + N2N_GAMMA * F.mse_loss(out - g2, gap)
+
+
+def forward_padded(net, images, multiple):
+    """net(images) for any height and width: reflect-pad them up to multiples of `multiple`
+    (what the model's strides need), run the model, crop back. N x C x H x W -> same."""
+    h, w = images.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"  # reflect needs pad < size
+    return net(F.pad(images, (0, pad_w, 0, pad_h), mode=mode))[..., :h, :w]
+
+
+METHODS = {"supervised": supervised_loss, "noise2noise": noise2noise_loss,
+           "noise2self": noise2self_loss, "neighbor2neighbor": neighbor2neighbor_loss}
+
+
+def training_images(images, method, noise, seed):
+    """What a method trains on: the clean images for "supervised" (noise is added per batch);
+    for the self-supervised methods, noisy copies drawn once from `seed` (noise2noise: two
+    independent ones, N x 2 x C x H x W), so that they never see a clean image and never see
+    two draws of one image unless they are meant to. `images`: a tensor, or a list (a folder)."""
+    if method == "supervised":
+        return images
+    generator, draws = torch.Generator().manual_seed(seed), 2 if method == "noise2noise" else 1
+
+    def noisy(x):  # x: N x C x H x W -> N x C x H x W, or N x 2 x C x H x W
+        copies = [add_noise(data.to_float(x), noise, generator) for _ in range(draws)]
+        return copies[0] if draws == 1 else torch.stack(copies, 1)
+
+    if isinstance(images, torch.Tensor):
+        return noisy(images)
+    return [noisy(image[None])[0] for image in images]  # C x H x W or 2 x C x H x W each
+
+
 # ---------------------------------------------------------------- one step, one epoch
 
 
-def train_step(net, optimizer, clean, noise, generator, amp=False):
-    """One step of supervised denoising on a clean batch (B x C x H x W): add noise, denoise,
-    MSE to the clean batch, backward, optimizer step. Returns the loss (0-dim, not synced).
-
-    The model sees only the noisy batch (feeding it the clean one, a common tutorial bug, trains
-    an identity map). `amp`: bfloat16 autocast for the forward pass; loss and weights float32.
-    """
-    noisy = add_noise(clean, noise, generator)  # B x C x H x W
-    with torch.autocast(clean.device.type, dtype=torch.bfloat16, enabled=amp):
-        restored = net(noisy)  # B x C x H x W
-    loss = F.mse_loss(restored.float(), clean)
+def train_step(net, optimizer, batch, noise, generator, amp=False, loss=supervised_loss):
+    """One optimizer step: the loss of a batch (clean images for supervised_loss, the default;
+    noisy ones for the self-supervised losses), backward, step. Returns the loss (0-dim, not
+    synced). `amp`: bfloat16 autocast for the forward pass; loss and weights stay float32."""
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=amp):
+        value = loss(net, batch, noise, generator)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    value.backward()
     optimizer.step()
-    return loss.detach()
+    return value.detach()
 
 
 class NonFiniteLoss(Exception):
@@ -152,7 +248,8 @@ class Interrupted(Exception):
 
 
 def train_epoch(net, optimizer, images, generator, *, noise, batch_size, scheduler=None,
-                amp=False, position=None, should_stop=None, progress=None, share=(0, 1)):
+                amp=False, position=None, should_stop=None, progress=None, share=(0, 1),
+                loss=supervised_loss):
     """One pass over `images` (clean, N x C x H x W) in an order drawn by `generator`, one
     train_step per batch (then a scheduler step). Returns the mean training loss as a float;
     raises NonFiniteLoss if it is NaN or infinite. share=(rank, processes): this process
@@ -170,7 +267,7 @@ def train_epoch(net, optimizer, images, generator, *, noise, batch_size, schedul
     step, (rank, processes) = done, share
     for step, idx in enumerate(data.batches(order, batch_size, done), done + 1):
         idx = idx[rank::processes]  # this process's part of the batch (alone: all of it)
-        total += train_step(net, optimizer, images[idx], noise, generator, amp) * len(idx)
+        total += train_step(net, optimizer, images[idx], noise, generator, amp, loss) * len(idx)
         if scheduler is not None:
             scheduler.step()
         if progress is not None:
@@ -307,6 +404,10 @@ def check_config(config):
     for key, (kind, low, high, meaning) in LIMITS.items():
         if config.get(key) is not None and not within(config[key], kind, low, high):
             raise ValueError(f"--{key.replace('_', '-')} must be {meaning}, got {config[key]!r}")
+    for key, choices in (("method", METHODS), ("clip", ("on", "off"))):
+        if config.get(key) not in choices:
+            raise ValueError(f"--{key} must be one of {', '.join(choices)}, got "
+                             f"{config.get(key)!r}")
     if config.get("precision", "auto") not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
                          f"{config.get('precision')!r}")
@@ -340,6 +441,8 @@ def load_checkpoint(path):
         config.update(noise="gaussian", noise_level=config.pop("noise_std"))
     config.setdefault("lr_schedule", "constant")  # written before --lr-schedule existed
     config.setdefault("precision", "fp32")  # written before --precision existed
+    config.setdefault("method", "supervised")  # and before --method and --clip
+    config.setdefault("clip", "on")
     missing = [key for key in CONFIG_KEYS if key not in config]
     if missing:
         raise model.CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
@@ -576,7 +679,7 @@ def run_training(args, stop):
               f"{model.count_parameters(state.net):,} parameters, device {device}"
               + (f" x {procs.world} processes" if procs.world > 1 else "")
               + f", {data.images_per_epoch(train_x):,} training images per epoch, "
-              f"lr {config['lr']:g} {config['lr_schedule']}")
+              f"lr {config['lr']:g} {config['lr_schedule']}, {config['method']}")
         # rank 0 alone scores
         test = None if procs.rank else scored_test_set(ds.test_x.to(device), config_noise(config))
         stop["training"] = True
@@ -675,7 +778,8 @@ def setup(config, net, ds, procs):
     net = net.to(procs.device).to(memory_format=torch.channels_last)  # oneDNN's fast kernels
     if procs.world > 1 and procs.device.type == "cuda":  # BatchNorm over the whole batch
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # (gloo cannot: CPU)
-    train_x = ds.train_x.to(procs.device) if isinstance(ds.train_x, torch.Tensor) else ds.train_x
+    train_x = training_images(ds.train_x, config["method"], config_noise(config), config["seed"])
+    train_x = train_x.to(procs.device) if isinstance(train_x, torch.Tensor) else train_x
     optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"])
     images, batch_size = data.images_per_epoch(train_x), config["batch_size"]
     scheduler = make_scheduler(optimizer, config["lr_schedule"],
@@ -734,7 +838,8 @@ def train_epochs(state, config, *, train_x, test, path, history, position, stop,
                 loss = train_epoch(state.net, state.optimizer, images, state.generator,
                                    noise=noise, batch_size=batch_size, scheduler=state.scheduler,
                                    amp=amp, position=position, progress=bar,
-                                   should_stop=should_stop, share=procs[:2])
+                                   should_stop=should_stop, share=procs[:2],
+                                   loss=METHODS[config["method"]])
         except NonFiniteLoss as e:
             return fail(1, f"the loss became NaN or infinite in epoch {epoch} by step {e.step} "
                            f"(lr {config['lr']:g}); stopped, {kept(path, history)}")
@@ -836,7 +941,7 @@ class UsageError(Exception):
 # refuse those that contradict its checkpoint); a new run fills the rest from here.
 RUN_DEFAULTS = {"arch": "basic", "widths": None, "dataset": "mnist", "channels": None,
                 "crop": None, "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant", "seed": 0,
-                "precision": "auto"}
+                "precision": "auto", "method": "supervised", "clip": "on"}
 # The numbers a run is defined by, as (type, smallest, largest, meaning): their flags and the
 # config of a checkpoint are checked against the same limits.
 LIMITS = {"epochs": (int, 1, 10 ** 6, "an integer from 1 to 10**6"),
@@ -940,8 +1045,9 @@ def resolve_noise(kind, level, std, default=None):
     kind = kind or (default.kind if default else "gaussian")
     if level is None:
         level = default.level if default and default.kind == kind else NOISES[kind][1]
-    check_noise(Noise(kind, level))
-    return Noise(kind, level)
+    noise = Noise(kind, level, default.clip if default else True)
+    check_noise(noise)
+    return noise
 
 
 def within(value, kind, low, high):
@@ -1055,6 +1161,14 @@ def parse_args(argv=None):
     p.add_argument("--crop", type=number(*LIMITS["crop"]), default=None,
                    help=f"--dataset folder only: train on random CROP x CROP crops, test on "
                         f"centre crops (default: {data.DEFAULT_CROP})")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="supervised: learn from clean images with noise added per batch; "
+                        "noise2noise (pairs of noisy images), noise2self or neighbor2neighbor "
+                        "(single noisy images): learn from noisy images alone, drawn once from "
+                        "--seed (default: supervised)")
+    p.add_argument("--clip", choices=("on", "off"), default=None,
+                   help="clip noisy pixels to [0, 1]; the self-supervised methods assume "
+                        "zero-mean noise, which clipping breaks near black and white (default: on)")
     p.add_argument("--arch", choices=model.ARCHS, default=None,
                    help="model architecture (default: basic)")
     p.add_argument("--widths", type=widths_list, default=None,
