@@ -921,9 +921,17 @@ def test_precision_is_bf16_where_native_recorded_and_kept(tmp_path, monkeypatch,
     assert runs[0]["history"][0]["test_psnr"] > plain["history"][0]["test_psnr"] - 0.5
     exits_2(train.main, ["--resume", "bf16-0.pt", "--epochs", "2", "--precision", "fp32"],
             capsys, "--precision fp32 (the checkpoint has bf16)")
+    assert train.main(["--resume", "bf16-1.pt", "--epochs", "2", "--precision", "auto"]) == 0
     monkeypatch.setattr(train, "native_bf16", lambda device: False)  # resumed on another CPU
     exits_2(train.main, ["--resume", "bf16-0.pt", "--epochs", "2"], capsys,
-            "needs bfloat16 hardware")
+            "needs bfloat16 hardware", "continue this bf16 run on such hardware")
+    exits_2(train.main, ["--resume", "plain.pt", "--precision", "fp32", "--amp"], capsys,
+            "not allowed with argument")
+    # a checkpoint from before --precision: what the resume asks for, else float32
+    _swap_config("old.pt", source=tmp_path / "plain.pt", precision=_DROP)
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert train.main(["--resume", "old.pt", "--epochs", "2", "--amp"]) == 0
+    assert torch.load("old.pt", weights_only=True)["config"]["precision"] == "bf16"
 
 
 def test_bad_flags_exit_2(capsys):
@@ -1534,6 +1542,30 @@ def test_torchrun_stops_together_and_resumes_exactly(tmp_path, torchrun_two_epoc
     assert _same_tensors(a["model"], b["model"])
     assert [h["test_psnr"] for h in a["history"]] == [h["test_psnr"] for h in b["history"]]
     assert b["history"][-1]["train_loss"] == pytest.approx(a["history"][-1]["train_loss"])
+
+
+def test_a_signal_during_the_agreement_is_not_lost(tmp_path, monkeypatch):
+    real = train.agreed_signal
+    asked = []
+
+    def arrives_while_agreeing(signum, procs):  # as if it came inside the all_reduce
+        agreed = real(signum, procs)
+        asked.append(agreed)
+        if len(asked) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return agreed
+
+    monkeypatch.setattr(train, "agreed_signal", arrives_while_agreeing)
+    argv = ["--dataset", "mnist-sample", "--batch-size", "256", "--epochs", "2",
+            "--checkpoint", str(tmp_path / "c.pt")]
+    assert train.main(argv) == 143
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["position"]["step"] == 4
+
+
+def test_torchrun_refuses_devices_it_cannot_use(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(train.UsageError, match="torchrun needs --device cpu or cuda"):
+        train.join_processes(torch.device("mps"))
 
 
 def test_torchrun_a_dead_process_ends_the_others(tmp_path):

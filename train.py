@@ -3,8 +3,9 @@
     python train.py --epochs 10            # MNIST, Gaussian noise of std 0.5
     python visualize.py                    # noisy / clean / denoised test images
 
-The method comes first: the noise, one training step, one epoch, the evaluation. Checkpoints,
-resume and stop signals follow; the training run and the command line come last.
+The method comes first: the noise, the losses (supervised, and three that learn from noisy
+images alone), one training step, one epoch, the evaluation. Checkpoints, resume, stop signals
+and several processes follow; the training run and the command line come last.
 """
 
 import argparse
@@ -118,7 +119,7 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# ---------------------------------------------------------------- losses: with and without clean images
+# ---------------------------------------------------------- losses: with and without clean images
 
 # Each loss takes (model, batch, noise, generator). Supervised batches are clean images; the
 # self-supervised ones never see a clean image: their batches are noisy images drawn once.
@@ -266,7 +267,7 @@ def train_epoch(net, optimizer, images, generator, *, noise, batch_size, schedul
     total = torch.tensor(position["loss_sum"], device=images.device)  # on the device: no sync
     step, (rank, processes) = done, share
     for step, idx in enumerate(data.batches(order, batch_size, done), done + 1):
-        idx = idx[rank::processes]  # this process's part of the batch (alone: all of it)
+        idx = idx[rank::processes]  # B / processes: this process's part (alone: all of it)
         total += train_step(net, optimizer, images[idx], noise, generator, amp, loss) * len(idx)
         if scheduler is not None:
             scheduler.step()
@@ -440,7 +441,6 @@ def load_checkpoint(path):
     if "noise_std" in config and "noise_level" not in config:  # written before --noise existed
         config.update(noise="gaussian", noise_level=config.pop("noise_std"))
     config.setdefault("lr_schedule", "constant")  # written before --lr-schedule existed
-    config.setdefault("precision", "fp32")  # written before --precision existed
     config.setdefault("method", "supervised")  # and before --method and --clip
     config.setdefault("clip", "on")
     missing = [key for key in CONFIG_KEYS if key not in config]
@@ -512,10 +512,9 @@ def restore_state(state, checkpoint, path, images_per_epoch, procs):
                 raise ValueError("its optimizer state does not fit the model's weights")
         if state.scheduler is not None:
             state.scheduler.load_state_dict(checkpoint["scheduler"])
-        saved = rng.get("processes") or [rng["generator"]]
-        if len(saved) == procs.world or procs.rank == 0:
-            state.generator.set_state(saved[procs.rank] if len(saved) == procs.world
-                                      else rng["generator"])
+        saved = rng.get("processes") or [rng["generator"]]  # by rank
+        if procs.rank < len(saved):  # a new rank keeps its fresh stream
+            state.generator.set_state(saved[procs.rank])
         torch.set_rng_state(rng["torch_cpu"])
         if "torch_cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["torch_cuda"])
@@ -578,6 +577,8 @@ def join_processes(device):
     (gloo on a CPU, nccl on CUDA). A process that dies ends the others within PROCESS_TIMEOUT."""
     if "WORLD_SIZE" not in os.environ:
         return Processes(0, 1, device)
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"torchrun needs --device cpu or cuda, not {device.type}")
     import datetime
 
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -611,13 +612,18 @@ def same_order(order, procs):
     return order
 
 
+def all_objects(value, procs):
+    """Every process's `value` (picklable), by rank."""
+    if procs.world == 1:
+        return [value]
+    values = [None] * procs.world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def all_generators(generator, procs):
     """Every process's generator state, by rank (None when alone), to save for an exact resume."""
-    if procs.world == 1:
-        return None
-    states = [None] * procs.world
-    torch.distributed.all_gather_object(states, generator.get_state().cpu())
-    return states
+    return all_objects(generator.get_state().cpu(), procs) if procs.world > 1 else None
 
 
 def unwrap(net):
@@ -636,9 +642,11 @@ def main(argv=None):
     with stop_requests() as stop:
         try:
             return run_training(args, stop)
-        except torch.distributed.DistError as e:  # a process died or stopped answering
-            print(f"train.py: error: the training processes lost each other: "
-                  f"{data.one_line(e, 300)}", file=sys.stderr)
+        except RuntimeError as e:  # gloo and nccl say it in RuntimeErrors of their own
+            if not torch.distributed.is_initialized():
+                raise
+            print(f"train.py: error: the training processes lost each other (one died or stopped "
+                  f"answering): {data.one_line(e, 300)}", file=sys.stderr)
             return 1
         except (UsageError, data.DataError, model.CheckpointError, BlockingIOError) as e:
             print(f"train.py: error: {data.one_line(e, 1000)}", file=sys.stderr)
@@ -657,7 +665,8 @@ def run_training(args, stop):
     config = run_config(args, checkpoint)
     path = output_path(args.checkpoint, args.resume)
     device = open_device(args.device)
-    config = {**config, "precision": resolve_precision(config["precision"], device)}
+    config = {**config, "precision": resolve_precision(config["precision"], device,
+                                                       resumed=checkpoint is not None)}
     procs = join_processes(device)
     with (data.exclusive(path) if procs.rank == 0 else contextlib.nullcontext(),
           contextlib.redirect_stdout(None) if procs.rank else contextlib.nullcontext()):
@@ -666,7 +675,7 @@ def run_training(args, stop):
         if config["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA work
             torch.use_deterministic_algorithms(True)
-        ds, config = load_data(config, resumed=args.resume)
+        ds, config = load_data(config, resumed=args.resume, procs=procs)
         state, train_x = setup(config, net, ds, procs)
         history, position = [], None
         if checkpoint:
@@ -680,7 +689,7 @@ def run_training(args, stop):
               + (f" x {procs.world} processes" if procs.world > 1 else "")
               + f", {data.images_per_epoch(train_x):,} training images per epoch, "
               f"lr {config['lr']:g} {config['lr_schedule']}, {config['method']}")
-        # rank 0 alone scores
+        # rank 0 alone scores: the others wait at the next exchange
         test = None if procs.rank else scored_test_set(ds.test_x.to(device), config_noise(config))
         stop["training"] = True
         try:
@@ -708,12 +717,15 @@ def run_config(args, checkpoint):
     old = checkpoint["config"] if checkpoint else {}
     given = given_settings(args, config_noise(old) if checkpoint else None)
     if checkpoint:
-        conflicts = [f"--{k.replace('_', '-')} {v} (the checkpoint has {old.get(k)})"
-                     for k, v in given.items() if v != old.get(k)]
+        if given.get("precision") == "auto":  # auto fits whatever the run used
+            del given["precision"]
+        conflicts = [f"--{k.replace('_', '-')} {v} (the checkpoint has {old[k]})"
+                     for k, v in given.items() if k in old and v != old[k]]
         if conflicts:
             raise model.CheckpointError(f"--resume {args.resume}: flags contradict the "
                                         f"checkpoint: " + "; ".join(conflicts))
-        config = old
+        # what an older checkpoint did not record: as given (--amp again), else as it ran then
+        config = {"precision": "fp32", **given, **old}
     else:
         config = {**RUN_DEFAULTS, **given, "data_dir": "data", "test_noise_seed": TEST_NOISE_SEED,
                   "torch": str(torch.__version__),  # torchvision's without its slow import:
@@ -741,14 +753,23 @@ def given_settings(args, noise=None):
     return {**given, "noise": noise.kind, "noise_level": noise.level}
 
 
-def load_data(config, resumed):
+def load_data(config, resumed, procs):
     """The run's data set, and the config completed with what was loaded (the data set's name:
     mnist-sample after the offline fallback; channels, image size, fingerprint). `resumed`: the
-    path of a resumed checkpoint, which refuses other data. Raises DataError or UsageError."""
+    path of a resumed checkpoint, which refuses other data. Under torchrun, rank 0 loads (and
+    downloads) first and all must load the same. Raises DataError or UsageError."""
     name, folder = config["dataset"], config["data_dir"]
-    ds = data.load_dataset(name, folder, channels=config["channels"], crop=config.get("crop"))
+    for turn in range(min(procs.world, 2)):  # alone: one turn; else rank 0's, then the others'
+        if (procs.rank == 0) == (turn == 0):
+            ds = data.load_dataset(name, folder, download=procs.rank == 0,
+                                   channels=config["channels"], crop=config.get("crop"))
+        if procs.world > 1:
+            torch.distributed.barrier()
     print(ds.note)
     fingerprint, size = data.fingerprint(ds), list(ds.test_x.shape[2:])
+    if len(set(all_objects((ds.name, fingerprint), procs))) > 1:
+        raise data.DataError(f"the {procs.world} processes loaded different data from {folder}; "
+                             f"give them all the same --data-dir, with the files in it")
     if resumed and ds.name != name:
         raise data.DataError(f"--resume {resumed} was trained on {name}, but {ds.name} was "
                              f"loaded; point --data-dir at the original data")
@@ -821,8 +842,10 @@ def train_epochs(state, config, *, train_x, test, path, history, position, stop,
     amp = config["precision"] == "bf16"
 
     def should_stop():  # when any process got a signal, all stop after the same step
-        stop["signal"] = agreed_signal(stop["signal"], procs) or None
-        return stop["signal"] is not None
+        agreed = agreed_signal(stop["signal"], procs)
+        if agreed:  # (never write None: a signal may arrive while the processes agree)
+            stop["signal"] = agreed
+        return bool(agreed)
 
     for epoch in range(len(history) + 1, epochs + 1):
         start = time.perf_counter()
@@ -991,6 +1014,8 @@ def open_device(name):
         if device.type == "cuda" and device.index is None:  # under torchrun: a GPU per process
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.ones(1, device=device).add(1).cpu()  # a device that cannot compute fails here
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # what NCCL and bf16 checks take as "this GPU"
     except Exception as e:  # torch says it in many ways: RuntimeError, AssertionError, ...
         raise UsageError(f"device {name!r} cannot be used: {data.one_line(e, 200)}") from e
     return device
@@ -1014,17 +1039,19 @@ def native_bf16(device):
         return False
 
 
-def resolve_precision(precision, device):
+def resolve_precision(precision, device, resumed=False):
     """What --precision means on `device`: "bf16" (bfloat16 autocast for the forward pass) or
     "fp32". auto: bf16 on a CPU that computes it natively, where it is faster and as accurate
     (docs/speed.md), else fp32. Raises UsageError for bf16 where it is not native: it would
-    only be slower."""
+    only be slower. `resumed`: the precision is a resumed run's."""
     if precision == "auto":
         return "bf16" if device.type == "cpu" and native_bf16(device) else "fp32"
     if precision == "bf16" and not native_bf16(device):
+        way_out = ("continue this bf16 run on such hardware, or start a new one" if resumed
+                   else "use --precision fp32")
         raise UsageError(f"--precision bf16 needs bfloat16 hardware (a CPU with AMX or "
                          f"AVX512-BF16, a CUDA GPU from Ampere on), and {device} has none: "
-                         f"it would only be slower; use --precision fp32")
+                         f"it would only be slower; {way_out}")
     return precision
 
 
@@ -1180,11 +1207,12 @@ def parse_args(argv=None):
                    help="seeds the weights, the data order and the noise (default: 0)")
     add_shared_flags(p, checkpoint_default=None)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a name")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16: bfloat16 autocast for the forward pass (loss and weights stay "
                         "float32), where the hardware has it; auto: bf16 on CPUs with AMX or "
                         "AVX512-BF16, else fp32 (default: auto, or the checkpoint's)")
-    p.add_argument("--amp", dest="precision", action="store_const", const="bf16",
+    precision.add_argument("--amp", dest="precision", action="store_const", const="bf16",
                    help="the same as --precision bf16")
     p.add_argument("--deterministic", action="store_true",
                    help="use only deterministic algorithms (matters on CUDA; see "

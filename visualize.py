@@ -94,15 +94,17 @@ def tune_blur(noisy, clean, sigmas=BLUR_SIGMAS):
     return max(sigmas, key=lambda s: train.psnr(gaussian_blur(noisy, s), clean))
 
 
-def sweep(nets, test_clean, tune_clean, kind, levels):
+def sweep(nets, test_clean, tune_clean, kind, levels, clip=True):
     """Score the noisy input, a 3x3 median filter, a tuned Gaussian blur and each model of
-    `nets` ({name: model}) at each level of noise `kind`, all on the same noise draw
-    (TEST_NOISE_SEED) of `test_clean`; the blur width is chosen on `tune_clean` (never scored).
-    Returns one dict per level: {"level", "blur_sigma", "scores": {method: (PSNR, SSIM)}}."""
+    `nets` ({name: model}) at each level of noise `kind` (clipped to [0, 1] if `clip`), all on
+    the same noise draw (TEST_NOISE_SEED) of `test_clean`; the blur width is chosen on
+    `tune_clean` (never scored). Returns one dict per level: {"level", "blur_sigma",
+    "scores": {method: (PSNR, SSIM)}}."""
     rows = []
     for level in levels:
-        noisy = train.fixed_noisy_test_set(test_clean, train.Noise(kind, level))  # N x C x H x W
-        tune_noisy = train.fixed_noisy_test_set(tune_clean, train.Noise(kind, level))
+        noise = train.Noise(kind, level, clip)
+        noisy = train.fixed_noisy_test_set(test_clean, noise)  # N x C x H x W
+        tune_noisy = train.fixed_noisy_test_set(tune_clean, noise)
         sigma = tune_blur(tune_noisy, tune_clean)
         outputs = {"noisy input": noisy, "median 3x3": median_filter(noisy),
                    "Gaussian blur": gaussian_blur(noisy, sigma),
@@ -335,9 +337,9 @@ def figure_command(args, net, config):
     idx = pick_indices(len(ds.test_x), min(args.n, len(ds.test_x)), args.seed)  # n
     clean, noisy = ds.test_x[idx], noisy_all[idx]  # n x C x H x W each
     denoised = train.denoise(net, noisy)  # n x C x H x W
-    title = (f"{arch_name(config)} autoencoder, {ds.name}, noise {noise}: mean PSNR "
-             f"{train.psnr(noisy, clean):.1f} dB noisy -> {train.psnr(denoised, clean):.1f} dB "
-             f"denoised")
+    title = (f"{arch_name(config)}{method_note(config)} autoencoder, {ds.name}, noise {noise}: "
+             f"mean PSNR {train.psnr(noisy, clean):.1f} dB noisy -> "
+             f"{train.psnr(denoised, clean):.1f} dB denoised")
     save_figure(draw_comparison(noisy, clean, denoised, title), out, args.show)
     print(f"figure: {out} ({title})")
     return 0
@@ -351,8 +353,15 @@ def arch_name(config):
 
 
 def model_name(config):
-    """How a sweep names a model: its architecture and training noise, e.g. 'unet, sigma 0.5'."""
-    return f"{arch_name(config)}, {train.config_noise(config)}"
+    """How a sweep names a model: its architecture, method unless supervised, and training
+    noise, e.g. 'unet, sigma 0.5' or 'unet noise2self, sigma 0.5 unclipped'."""
+    return f"{arch_name(config)}{method_note(config)}, {train.config_noise(config)}"
+
+
+def method_note(config):
+    """' noise2self' for a model trained without clean images, '' for a supervised one."""
+    method = config.get("method", "supervised")
+    return "" if method == "supervised" else f" {method}"
 
 
 def load_others(paths, config, size):
@@ -384,7 +393,8 @@ def sweep_command(net, config, ds, kind, *, levels, out, others, max_images, sho
     test_clean = ds.test_x[:max_images]  # N x C x H x W
     # a folder's training images are cropped as in training
     tune_clean = data.epoch_images(ds.train_x, config.get("crop"), 0, 0)[:TUNE_IMAGES]
-    rows = sweep(nets, test_clean, tune_clean, kind, levels or SWEEP_LEVELS[kind])
+    rows = sweep(nets, test_clean, tune_clean, kind, levels or SWEEP_LEVELS[kind],
+                 clip=train.config_noise(config).clip)
     print(f"{ds.name}: {len(test_clean):,} test images, the same noise draw for every "
           f"method; blur width tuned per level on {len(tune_clean)} training images")
     print(sweep_table(rows, kind))
@@ -400,7 +410,7 @@ def curves_command(checkpoint, out, show):
     config, history = checkpoint["config"], checkpoint.get("history") or []
     if not history:
         raise train.UsageError("the checkpoint has no training history")
-    title = (f"{arch_name(config)} autoencoder, {config['dataset']}, noise "
+    title = (f"{arch_name(config)}{method_note(config)} autoencoder, {config['dataset']}, noise "
              f"{train.config_noise(config)}")
     save_figure(draw_curves(history, title), out, show)
     print(f"figure: {out} ({len(history)} epochs)")

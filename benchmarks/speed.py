@@ -233,7 +233,8 @@ def main(argv=None):
                        profile=args.profile, variants=args.variants)
     ratios = []
     for pair, (alone, together) in enumerate(
-            process_speeds(ds.name, args.data_dir or "data", args.processes, args.pairs)
+            process_speeds(ds.name, os.path.abspath(args.data_dir or "data"), args.processes,
+                           args.pairs)
             if args.processes else [], 1):
         ratios.append(together / alone)
         print(f"processes, pair {pair}: 1 x {args.processes} threads {alone:8,.0f} img/s   "
