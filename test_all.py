@@ -1489,29 +1489,33 @@ sys.exit(train.main())
 """
 
 
-def _torchrun(folder, *flags, **env):
+def _torchrun(folder, *flags, wait=True, **env):
     """train.py under torchrun with 2 CPU processes (gloo) on the sample, batch 256, in
-    `folder`; returns the finished process (its output in .stdout and .stderr)."""
+    `folder`; returns the finished process (its output in .stdout and .stderr), or with
+    wait=False the running one (a Popen)."""
     folder.mkdir(exist_ok=True)
     hooks = folder / "hooks.py"
     hooks.write_text(_TORCHRUN_HOOKS.format(root=os.path.dirname(os.path.abspath(__file__))))
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             str(hooks), "--dataset", "mnist-sample", "--batch-size", "256", *flags]
-    return subprocess.run(argv, cwd=folder, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    if not wait:
+        return subprocess.Popen(argv, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+    return subprocess.run(argv, cwd=folder, capture_output=True, text=True, timeout=120, env=env)
 
 
 @pytest.fixture(scope="session")
-def torchrun_two_epochs(tmp_path_factory):
-    """(finished torchrun process, its folder): 2 epochs, 2 processes, run.pt."""
+def torchrun_run(tmp_path_factory):
+    """(finished torchrun process, its folder): 1 epoch, 2 processes, run.pt."""
     folder = tmp_path_factory.mktemp("torchrun") / "straight"
-    return _torchrun(folder, "--epochs", "2", "--checkpoint", "run.pt"), folder
+    return _torchrun(folder, "--epochs", "1", "--checkpoint", "run.pt"), folder
 
 
-def test_torchrun_trains_one_model_that_any_script_loads(torchrun_two_epochs, capsys):
-    run, folder = torchrun_two_epochs
+def test_torchrun_trains_one_model_that_any_script_loads(torchrun_run, capsys):
+    run, folder = torchrun_run
     assert run.returncode == 0, run.stderr
-    assert run.stdout.count("epoch   2 ") == 1 and "x 2 processes" in run.stdout  # rank 0 prints
+    assert run.stdout.count("epoch   1 ") == 1 and "x 2 processes" in run.stdout  # rank 0 prints
     assert sorted(p.name for p in folder.iterdir()) == [
         "hooks.py", "run.pt", "weights-0.pt", "weights-1.pt"]  # one checkpoint, no lock file
     ranks = [torch.load(folder / f"weights-{r}.pt", weights_only=True) for r in (0, 1)]
@@ -1520,28 +1524,35 @@ def test_torchrun_trains_one_model_that_any_script_loads(torchrun_two_epochs, ca
     ckpt = train.load_checkpoint(str(folder / "run.pt"))
     assert _same_tensors(ckpt["model"], ranks[0])  # rank 0's, without a "module." prefix
     assert len(ckpt["rng"]["processes"]) == 2
-    assert ckpt["history"][-1]["test_psnr"] > 14  # the noisy input: 9.4 dB
+    assert ckpt["history"][-1]["test_psnr"] > 11  # the noisy input: 9.4 dB; 16 steps
     assert visualize.main(["--checkpoint", str(folder / "run.pt"), "--out", "a.png"]) == 0
     # one process continues what two began, and says what that changes
-    assert train.main(["--resume", str(folder / "run.pt"), "--epochs", "3",
+    assert train.main(["--resume", str(folder / "run.pt"), "--epochs", "2",
                        "--checkpoint", "alone.pt"]) == 0
     assert "2 processes trained it and 1 continue it" in capsys.readouterr().out
 
 
-def test_torchrun_stops_together_and_resumes_exactly(tmp_path, torchrun_two_epochs):
-    cut = _torchrun(tmp_path / "cut", "--epochs", "2", "--checkpoint", "run.pt", STOP_AT="20")
+def test_torchrun_stops_together_resumes_exactly_and_survives_a_dead_process(
+        tmp_path, torchrun_run):
+    # meanwhile (it mostly waits for torchrun's start and end): rank 1 dies in epoch 2
+    dies = _torchrun(tmp_path / "dies", "--epochs", "2", "--checkpoint", "run.pt", DIE_AT="20",
+                     wait=False)
+    cut = _torchrun(tmp_path / "cut", "--epochs", "1", "--checkpoint", "run.pt", STOP_AT="5")
     assert cut.returncode != 0, cut.stderr
-    assert cut.stderr.count("stopped by SIGTERM in epoch 2 after step 4; saved run.pt; resume "
+    assert cut.stderr.count("stopped by SIGTERM in epoch 1 after step 5; saved run.pt; resume "
                             "with: torchrun --standalone --nproc_per_node=2 train.py") == 1
     saved = torch.load(tmp_path / "cut" / "run.pt", weights_only=True)
-    assert (saved["epoch"], saved["position"]["step"]) == (1, 4)
-    resumed = _torchrun(tmp_path / "cut", "--resume", "run.pt", "--epochs", "2")
+    assert (saved["epoch"], saved["position"]["step"]) == (0, 5)
+    resumed = _torchrun(tmp_path / "cut", "--resume", "run.pt", "--epochs", "1")
     assert resumed.returncode == 0, resumed.stderr
     a, b = (torch.load(f / "run.pt", weights_only=True)
-            for f in (torchrun_two_epochs[1], tmp_path / "cut"))
+            for f in (torchrun_run[1], tmp_path / "cut"))
     assert _same_tensors(a["model"], b["model"])
     assert [h["test_psnr"] for h in a["history"]] == [h["test_psnr"] for h in b["history"]]
     assert b["history"][-1]["train_loss"] == pytest.approx(a["history"][-1]["train_loss"])
+    dies.communicate(timeout=120)  # the survivors end too: no hang
+    assert dies.returncode != 0
+    assert train.load_checkpoint(str(tmp_path / "dies" / "run.pt"))["epoch"] == 1  # intact
 
 
 def test_a_signal_during_the_agreement_is_not_lost(tmp_path, monkeypatch):
@@ -1566,12 +1577,6 @@ def test_torchrun_refuses_devices_it_cannot_use(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(train.UsageError, match="torchrun needs --device cpu or cuda"):
         train.join_processes(torch.device("mps"))
-
-
-def test_torchrun_a_dead_process_ends_the_others(tmp_path):
-    run = _torchrun(tmp_path / "dies", "--epochs", "3", "--checkpoint", "run.pt", DIE_AT="20")
-    assert run.returncode != 0
-    assert train.load_checkpoint(str(tmp_path / "dies" / "run.pt"))["epoch"] == 1  # intact
 
 
 # =========================================================================================

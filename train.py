@@ -124,7 +124,7 @@ def is_number(value):
 # Each loss takes (model, batch, noise, generator). Supervised batches are clean images; the
 # self-supervised ones never see a clean image: their batches are noisy images drawn once.
 N2S_GRID = 4  # noise2self hides every 4th pixel in both directions: 16 phases
-N2N_GAMMA = 2.0  # neighbor2neighbor's regulariser weight (Huang et al. 2021)
+NEIGHBOR_GAMMA = 2.0  # neighbor2neighbor's regulariser weight (Huang et al. 2021)
 
 
 def supervised_loss(net, clean, noise, generator):
@@ -165,7 +165,7 @@ def neighbor2neighbor_loss(net, noisy, noise, generator):
     (B x C x H x W) take one pixel and one of its two side neighbours, giving two half-size
     images whose noise is independent; the model maps one to the other. The regulariser asks
     the same of the model's output for the whole image, sampled the same way (weight
-    N2N_GAMMA), which corrects for the two pixels not sharing the same clean value."""
+    NEIGHBOR_GAMMA), which corrects for the two pixels not sharing the same clean value."""
     b, _, h, w = noisy.shape
     first = torch.randint(0, 4, (b, 1, h // 2, w // 2), generator=generator,
                           device=generator.device).to(noisy.device)  # cell index 0..3
@@ -183,7 +183,7 @@ def neighbor2neighbor_loss(net, noisy, noise, generator):
     with torch.no_grad():
         whole = net(noisy).float()  # B x C x H x W
     gap = pick(whole, first) - pick(whole, second)  # B x C x H/2 x W/2
-    return F.mse_loss(out, g2) + N2N_GAMMA * F.mse_loss(out - g2, gap)
+    return F.mse_loss(out, g2) + NEIGHBOR_GAMMA * F.mse_loss(out - g2, gap)
 
 
 def forward_padded(net, images, multiple):
@@ -191,6 +191,8 @@ def forward_padded(net, images, multiple):
     (what the model's strides need), run the model, crop back. N x C x H x W -> same."""
     h, w = images.shape[-2:]
     pad_h, pad_w = -h % multiple, -w % multiple
+    if not (pad_h or pad_w):
+        return net(images)
     mode = "reflect" if pad_h < h and pad_w < w else "replicate"  # reflect needs pad < size
     return net(F.pad(images, (0, pad_w, 0, pad_h), mode=mode))[..., :h, :w]
 
@@ -338,13 +340,15 @@ def fixed_noisy_test_set(clean, noise):
 
 
 @torch.inference_mode()
-def denoise(net, noisy, batch_size=EVAL_BATCH_SIZE, amp=False):
+def denoise(net, noisy, batch_size=EVAL_BATCH_SIZE, amp=False, multiple=1):
     """Run the model over `noisy` in batches, in eval mode: N x C x H x W -> N x C x H x W
-    (float32; `amp`: computed under bfloat16 autocast)."""
+    (float32; `amp`: computed under bfloat16 autocast). Sides that are not multiples of
+    `multiple` (what the model's strides need) are padded, and cropped back."""
     was_training = net.training
     net.eval()
     with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = torch.cat([net(chunk).float() for chunk in noisy.split(batch_size)])
+        out = torch.cat([forward_padded(net, chunk, multiple).float()
+                         for chunk in noisy.split(batch_size)])
     net.train(was_training)
     return out  # N x C x H x W
 

@@ -168,13 +168,9 @@ def draw_curves(history, title):
 
 
 def denoise_image(net, image, multiple):
-    """Denoise one C x H x W image of any size: reflect-pad H and W up to `multiple` (what the
-    strides need), denoise, crop back. Returns C x H x W."""
-    h, w = image.shape[-2:]
-    pad_h, pad_w = -h % multiple, -w % multiple
-    mode = "reflect" if pad_h < h and pad_w < w else "replicate"  # reflect needs pad < size
-    padded = F.pad(image[None], (0, pad_w, 0, pad_h), mode=mode)  # 1 x C x H' x W'
-    return train.denoise(net, padded)[0, :, :h, :w]  # C x H x W
+    """Denoise one C x H x W image of any size (H and W padded up to `multiple`, what the
+    strides need, then cropped back). Returns C x H x W."""
+    return train.denoise(net, image[None], multiple=multiple)[0]
 
 
 def save_image(image, path):
