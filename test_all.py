@@ -1730,6 +1730,28 @@ def test_odd_sized_images_are_padded_and_cropped_back():
         assert out.shape == (3, h, w)
 
 
+@pytest.mark.parametrize("arch", ["basic", "deep", "unet"])
+def test_tiles_join_without_seams(arch):
+    torch.manual_seed(0)
+    net = model.build_model(model.model_config(arch)).eval()
+    image, multiple = torch.rand(1, 150, 131), model.size_multiple(net.widths)
+    whole = visualize.denoise_image(net, image, multiple)
+    tiled = visualize.denoise_tiled(net, image, multiple, tile=40)  # 16 tiles, the default margin
+    assert torch.allclose(tiled, whole, atol=1e-6)
+    narrow = visualize.denoise_tiled(net, image, multiple, tile=40, margin=4)  # too little context
+    assert not torch.allclose(narrow, whole, atol=1e-6)  # (the comparison can fail)
+
+
+def test_a_large_image_is_denoised_tile_by_tile(tmp_path, one_epoch, capsys):
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (700, 650), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "large.png")  # larger than one tile with margins
+    assert visualize.main(["--checkpoint", str(one_epoch), "--image", "large.png"]) == 0
+    with Image.open("large_denoised.png") as out:
+        assert out.size == (650, 700)
+
+
 def test_figures_never_replace_other_files_and_need_a_figure_name(tmp_path, one_epoch, capsys):
     notes = tmp_path / "notes.png"
     notes.write_text("my notes")

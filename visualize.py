@@ -29,6 +29,8 @@ SWEEP_LEVELS = {
 BLUR_SIGMAS = (0.3, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0)  # Gaussian blur widths (pixels) tried per level
 TUNE_IMAGES = 500  # training images (never scored) on which each level's blur width is chosen
 CHUNK = 1000  # images per filter call: keeps the 3x3 windows of a large test set small
+TILE = 512  # --image works on tiles of at most this many pixels a side: memory stays bounded
+TILE_MARGIN = 64  # context around each tile, denoised and dropped: wider than the models see
 # What a figure file starts with: an existing --out is replaced only if it is one of these.
 FIGURE_MAGIC = {".png": (b"\x89PNG",), ".pdf": (b"%PDF",), ".svg": (b"<?xml", b"<svg")}
 
@@ -171,6 +173,27 @@ def denoise_image(net, image, multiple):
     """Denoise one C x H x W image of any size (H and W padded up to `multiple`, what the
     strides need, then cropped back). Returns C x H x W."""
     return train.denoise(net, image[None], multiple=multiple)[0]
+
+
+def denoise_tiled(net, image, multiple, tile=TILE, margin=TILE_MARGIN):
+    """Denoise a C x H x W image of any size in bounded memory: tile by tile, each with
+    `margin` pixels of context on every side that are denoised and dropped, so that the kept
+    centres join without seams. Tiles start on multiples of `multiple` (the model's strides
+    then see the same pixel grid as on the whole image), so the result equals
+    denoise_image's wherever the margin covers what the model sees. Returns C x H x W."""
+    h, w = image.shape[-2:]
+    if h <= tile + 2 * margin and w <= tile + 2 * margin:
+        return denoise_image(net, image, multiple)
+    tile, margin = (math.ceil(n / multiple) * multiple for n in (tile, margin))
+    out = torch.empty_like(image)  # C x H x W
+    for top in range(0, h, tile):
+        for left in range(0, w, tile):
+            t0, l0 = max(0, top - margin), max(0, left - margin)
+            piece = denoise_image(net, image[:, t0:top + tile + margin, l0:left + tile + margin],
+                                  multiple)  # C x h' x w'
+            out[:, top:top + tile, left:left + tile] = piece[:, top - t0:top - t0 + tile,
+                                                             left - l0:left - l0 + tile]
+    return out
 
 
 def save_image(image, path):
@@ -417,7 +440,7 @@ def image_command(image_path, net, config, out, force, show):
     """--image PATH: denoise the file, save the result and an input | denoised figure."""
     out, compare = image_outputs(image_path, out, force)
     image = data.to_float(data.read_image(image_path, config["channels"]))  # C x H x W
-    denoised = denoise_image(net, image, model.size_multiple(config["widths"]))  # C x H x W
+    denoised = denoise_tiled(net, image, model.size_multiple(config["widths"]))  # C x H x W
     try:
         save_image(denoised, out)
     except (OSError, ValueError, KeyError) as e:  # KeyError: Pillow cannot write that format
