@@ -720,6 +720,7 @@ def run_config(args, checkpoint):
     else the flags given over RUN_DEFAULTS, checked. Raises UsageError or CheckpointError."""
     old = checkpoint["config"] if checkpoint else {}
     given = given_settings(args, config_noise(old) if checkpoint else None)
+    data_dir = os.path.abspath(args.data_dir or old.get("data_dir", "data"))
     if checkpoint:
         if given.get("precision") == "auto":  # auto fits whatever the run used
             del given["precision"]
@@ -731,7 +732,7 @@ def run_config(args, checkpoint):
         # what an older checkpoint did not record: as given (--amp again), else as it ran then
         config = {"precision": "fp32", **given, **old}
     else:
-        config = {**RUN_DEFAULTS, **given, "data_dir": "data", "test_noise_seed": TEST_NOISE_SEED,
+        config = {**RUN_DEFAULTS, **given, "data_dir": data_dir, "test_noise_seed": TEST_NOISE_SEED,
                   "torch": str(torch.__version__),  # torchvision's without its slow import:
                   "torchvision": importlib.metadata.version("torchvision")}
         if config["dataset"] == "folder":
@@ -743,7 +744,7 @@ def run_config(args, checkpoint):
             raise UsageError(str(e)) from e
     return {**config, "epochs": args.epochs,
             "deterministic": bool(args.deterministic or old.get("deterministic")),
-            "data_dir": os.path.abspath(args.data_dir or old.get("data_dir", "data"))}
+            "data_dir": data_dir}
 
 
 def given_settings(args, noise=None):
@@ -872,8 +873,9 @@ def train_epochs(state, config, *, train_x, test, path, history, position, stop,
                            f"(lr {config['lr']:g}); stopped, {kept(path, history)}")
         except Interrupted as e:
             position = {**e.position, "loss_sum": all_sum(e.position["loss_sum"], procs)}
-            generators = all_generators(state.generator, procs)
-            checkpoint = make_checkpoint(state, config, history, position, generators)
+            generators = all_generators(state.generator, procs)  # every process takes part
+            checkpoint = (make_checkpoint(state, config, history, position, generators)
+                          if procs.rank == 0 else None)
             return save_stop(checkpoint, path, stop, procs, epochs,
                              f"in epoch {epoch} after step {e.position['step']}")
         position, loss = None, all_sum(loss, procs)  # the processes' parts of the mean
@@ -882,7 +884,8 @@ def train_epochs(state, config, *, train_x, test, path, history, position, stop,
                                               len(images), config["precision"])]
         signum, generators = agreed_signal(stop["signal"], procs), all_generators(
             state.generator, procs)
-        checkpoint = make_checkpoint(state, config, history, None, generators)
+        checkpoint = (make_checkpoint(state, config, history, None, generators)
+                      if procs.rank == 0 else None)  # rank 0 alone writes
         if signum and epoch < epochs:  # came during the evaluation
             stop["signal"] = signum
             return save_stop(checkpoint, path, stop, procs, epochs, f"after epoch {epoch}")
@@ -1213,11 +1216,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a name")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="bf16: bfloat16 autocast for the forward pass (loss and weights stay "
-                        "float32), where the hardware has it; auto: bf16 on CPUs with AMX or "
-                        "AVX512-BF16, else fp32 (default: auto, or the checkpoint's)")
+                           help="bf16: bfloat16 autocast for the forward pass (loss and weights "
+                                "stay float32), where the hardware has it; auto: bf16 on CPUs "
+                                "with AMX or AVX512-BF16, else fp32 (default: auto, or the "
+                                "checkpoint's)")
     precision.add_argument("--amp", dest="precision", action="store_const", const="bf16",
-                   help="the same as --precision bf16")
+                           help="the same as --precision bf16")
     p.add_argument("--deterministic", action="store_true",
                    help="use only deterministic algorithms (matters on CUDA; see "
                         "docs/reference.md)")
