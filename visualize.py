@@ -133,7 +133,7 @@ def draw_sweep(rows, kind, title):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     levels = [row["level"] for row in rows]
     for method in rows[0]["scores"]:
-        style = {"noisy input": "k--", "median 3x3": "s:", "Gaussian blur": "s:"}.get(method,
+        style = {"noisy input": "kx--", "median 3x3": "s:", "Gaussian blur": "s:"}.get(method,
                                                                                    "o-")
         ax.plot(levels, [row["scores"][method][0] for row in rows], style, label=method)
     if kind == "poisson":
