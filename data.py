@@ -6,6 +6,7 @@ the training loop only indexes memory: no per-item PIL conversion, no DataLoader
 
 import contextlib
 import hashlib
+import io
 import math
 import os
 import socket
@@ -21,6 +22,7 @@ DOWNLOAD_TIMEOUT = 30  # seconds per connection; torchvision sets none, so a fir
 SAMPLE_SPLIT_SEED = 0  # fixes the 4,000 / 1,000 split of the bundled sample for everyone
 SAMPLE_TEST_PER_CLASS = 100  # 500 digits per class in the sample -> 400 train / 100 test
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+TIFF_SUFFIXES = (".tif", ".tiff")
 FOLDER_SPLIT_SEED = 0  # fixes which files of a folder are held out for testing
 FOLDER_TEST_FRACTION = 0.1  # of the files, at least one
 DEFAULT_CROP = 64
@@ -54,6 +56,13 @@ def to_float(pixels):
     if pixels.is_floating_point():
         return pixels
     return pixels.to(torch.float32).div_(255 if pixels.dtype == torch.uint8 else 65535)
+
+
+def to_pixels(images, dtype):
+    """The inverse of to_float: values in [0, 1] (clamped) -> integer pixels of `dtype`, uint8
+    (8-bit) or int32 (16-bit values)."""
+    top = 255 if dtype == torch.uint8 else 65535
+    return images.clamp(0, 1).mul(top).round_().to(dtype)
 
 
 def fingerprint(ds):
@@ -247,25 +256,87 @@ def image_files(folder):
     return sorted(found), skipped
 
 
-def read_image(path, channels):
-    """An image file as C x H x W pixels (uint8, or int32 holding 16-bit values), C = channels:
-    gray (1) or RGB (3), turned upright as its EXIF tag says. to_float scales either to [0, 1]
-    by its bit depth. Raises DataError with one line."""
-    from PIL import Image, ImageOps  # Pillow: torchvision's own image reader for its data sets
-    from torchvision.transforms.v2 import functional as TF
-
+def read_image(path, channels=None):
+    """An image file as C x H x W integer pixels: uint8 for an 8-bit file, int32 holding the
+    values of a 16-bit one (to_float scales either to [0, 1] by its bit depth). C = `channels`
+    (1: gray, 3: RGB), converted if the file is the other kind; None: the file's own (alpha is
+    dropped). Raises DataError with one line."""
     if not os.path.isfile(path):  # a folder would fail late, a FIFO would block
         raise DataError(f"cannot read image {path}: not a regular file")
+    suffix = os.path.splitext(path)[1].lower()
     try:
-        with Image.open(path) as file:
-            image = ImageOps.exif_transpose(file)
-            if image.mode.startswith("I;16") or image.mode == "I":  # Pillow's convert clips
-                pixels = torch.from_numpy(np.asarray(image, dtype=np.int32).copy())
-                return pixels.clamp_(0, 65535).expand(channels, -1, -1)  # C x H x W
-            image = image.convert("L" if channels == 1 else "RGB")
+        array = (read_tiff(path) if suffix in TIFF_SUFFIXES else
+                 read_png(path) if suffix == ".png" else read_jpeg(path))  # H x W (x C)
+    except DataError:
+        raise
     except Exception as e:  # not an image, truncated, unsupported
         raise DataError(f"cannot read image {path}: {one_line(e, 120)}") from e
-    return TF.pil_to_tensor(image)  # C x H x W uint8
+    if array.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"cannot read image {path}: its pixels are {array.dtype}; 8-bit and "
+                        f"16-bit images only")
+    planes = array[..., None] if array.ndim == 2 else array[..., :1 if array.shape[-1] < 3 else 3]
+    pixels = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1)))  # C x H x W
+    pixels = pixels if pixels.dtype == torch.uint8 else pixels.to(torch.int32)
+    if channels is None or channels == len(pixels):
+        return pixels
+    converted = convert_channels(pixels[None].float(), channels)[0]  # C x H x W
+    return converted.round_().to(pixels.dtype)
+
+
+def read_png(path):
+    """A PNG file's pixels, H x W (x C), 8 or 16 bits: Pillow would read 16-bit colour as 8."""
+    import imagecodecs
+
+    with open(path, "rb") as file:
+        return imagecodecs.png_decode(file.read())  # palettes and 1-bit images expanded
+
+
+def read_jpeg(path):
+    """A JPEG file's pixels, H x W (gray) or H x W x 3, turned upright as its EXIF tag says."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as file:
+        image = ImageOps.exif_transpose(file)
+        return np.asarray(image.convert("L" if image.mode == "L" else "RGB"))  # CMYK too
+
+
+def read_tiff(path):
+    """A TIFF file's one image, H x W (x C): tifffile (with imagecodecs' decompressors) reads
+    what microscopes write, where Pillow reads 16-bit colour as 8. Raises DataError for a
+    stack of images."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        array, axes, stacks = series.asarray(), series.axes, len(tif.series)
+    if stacks > 1 or any(n > 1 for a, n in zip(axes, array.shape) if a not in "YXS"):
+        raise DataError(f"cannot read image {path}: it holds a stack of images (axes {axes}, "
+                        f"shape {array.shape}); save the one to use as a file of its own")
+    kept = [a for a in axes if a in "YXS"]
+    array = array.reshape([n for a, n in zip(axes, array.shape) if a in "YXS"])
+    return np.moveaxis(array, kept.index("S"), -1) if "S" in kept else array  # H x W (x S)
+
+
+def write_image(path, pixels):
+    """Save C x H x W integer pixels (uint8: an 8-bit file; int32: 16-bit) atomically; the
+    suffix picks PNG, JPEG (8-bit only) or TIFF. Raises ValueError or OSError."""
+    import imagecodecs
+    import tifffile
+    from PIL import Image
+
+    deep = pixels.dtype != torch.uint8
+    array = np.ascontiguousarray(pixels.permute(1, 2, 0).squeeze(2).numpy(),
+                                 dtype=np.uint16 if deep else np.uint8)
+    suffix, blob = os.path.splitext(path)[1].lower(), io.BytesIO()  # array: H x W (x 3)
+    if suffix in TIFF_SUFFIXES:
+        tifffile.imwrite(blob, array, photometric="minisblack" if array.ndim == 2 else "rgb")
+    elif suffix == ".png":  # 8 or 16 bits, gray or colour
+        blob.write(imagecodecs.png_encode(array))
+    elif deep:
+        raise ValueError("JPEG holds 8 bits per channel; write .png or .tif to keep 16")
+    else:
+        Image.fromarray(array).save(blob, format=Image.registered_extensions()[suffix])
+    atomic_write(path, lambda f: f.write(blob.getvalue()))
 
 
 def load_folder(folder, channels, crop):

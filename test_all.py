@@ -546,6 +546,78 @@ def test_images_are_read_at_their_bit_depth(tmp_path):
         data.read_image(str(tmp_path), 1)
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32])
+def test_images_are_written_at_their_bit_depth_and_read_back_exactly(suffix, channels, dtype):
+    from PIL import Image
+
+    top = 255 if dtype == torch.uint8 else 65535
+    pixels = torch.randint(0, top + 1, (channels, 9, 13), generator=torch.Generator().manual_seed(0))
+    pixels = pixels.to(dtype)
+    data.write_image(f"out{suffix}", pixels)
+    assert torch.equal(data.read_image(f"out{suffix}"), pixels)  # depth and channels kept
+    if channels == 1 or dtype == torch.uint8:  # what Pillow reads right agrees
+        with Image.open(f"out{suffix}") as image:
+            assert np.array_equal(np.asarray(image).reshape(9, 13, channels).transpose(2, 0, 1),
+                                  pixels.numpy())
+    assert torch.equal(data.to_pixels(data.to_float(pixels), dtype), pixels)
+
+
+def test_palettes_cmyk_and_exif_rotation_are_read_as_a_viewer_shows_them():
+    from PIL import Image
+
+    colours = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(colours).convert("P").save("palette.png")
+    with Image.open("palette.png") as image:
+        assert np.array_equal(data.read_image("palette.png").permute(1, 2, 0).numpy(),
+                              np.asarray(image.convert("RGB")))
+    upright = Image.fromarray(colours)
+    exif = upright.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    upright.save("turned.jpg", exif=exif)
+    assert data.read_image("turned.jpg").shape == (3, 7, 5)
+    Image.fromarray(np.zeros((5, 7, 4), np.uint8), "CMYK").save("print.jpg")
+    assert data.read_image("print.jpg").shape == (3, 5, 7)
+    Image.fromarray(colours, "RGB").convert("RGBA").save("alpha.png")
+    assert data.read_image("alpha.png").shape == (3, 5, 7)  # alpha dropped
+
+
+def test_tiff_stacks_float_tiffs_and_16_bit_jpegs_are_refused_in_one_line():
+    import tifffile
+
+    tifffile.imwrite("stack.tif", np.zeros((4, 8, 8), np.uint16), photometric="minisblack")
+    tifffile.imwrite("float.tif", np.zeros((8, 8), np.float32))
+    for path, message in [("stack.tif", "holds a stack of images"), ("float.tif", "float32")]:
+        with pytest.raises(data.DataError, match=message):
+            data.read_image(path)
+    with pytest.raises(ValueError, match="JPEG holds 8 bits"):
+        data.write_image("deep.jpg", torch.zeros(1, 4, 4, dtype=torch.int32))
+    assert not os.path.exists("deep.jpg")
+
+
+def test_a_16_bit_image_is_denoised_into_a_16_bit_file_of_its_own_kind(one_epoch, capsys):
+    import tifffile
+
+    g = torch.Generator().manual_seed(0)
+    for name, channels in [("scan.tif", 1), ("photo.png", 3)]:
+        pixels = torch.randint(0, 65536, (channels, 30, 41), generator=g).to(torch.int32)
+        data.write_image(name, pixels)
+        assert visualize.main(["--checkpoint", str(one_epoch), "--image", name]) == 0
+        out = name.replace(".", "_denoised.")
+        assert f"denoised: {out} (16-bit {'gray' if channels == 1 else 'colour'})" in (
+            capsys.readouterr().out)
+        result = data.read_image(out)
+        assert result.dtype == torch.int32 and result.shape == pixels.shape
+        assert (result % 257 != 0).any()  # finer steps than an 8-bit image scaled up
+        net = model.restore_model(train.load_checkpoint(str(one_epoch)), "")
+        expected = visualize.denoise_planes(net, data.to_float(pixels), 1, 4)
+        assert torch.equal(result, data.to_pixels(expected, torch.int32))
+    assert tifffile.imread("scan_denoised.tif").dtype == np.uint16
+    exits_2(visualize.main, ["--checkpoint", one_epoch, "--image", "photo.png", "--out", "x.jpg"],
+            capsys, "JPEG holds 8 bits", "name a .png or .tif")
+
+
 def test_image_files_finds_images_once_and_says_what_it_skipped(tmp_path):
     _image_folder(tmp_path / "images")
     (tmp_path / "images" / "sub" / "loop").symlink_to(tmp_path / "images")  # a linked folder
@@ -1704,8 +1776,8 @@ def test_denoise_your_own_image_never_overwrites(tmp_path, one_epoch, capsys):
     argv = ["--checkpoint", str(one_epoch), "--image", str(photo)]
     assert visualize.main(argv) == 0
     assert "photo_denoised.png" in capsys.readouterr().out
-    with Image.open(tmp_path / "photo_denoised.png") as result:
-        assert result.size == (50, 37) and result.mode == "L"  # cropped back; gray model
+    with Image.open(tmp_path / "photo_denoised.png") as result:  # a gray model, plane by plane
+        assert result.size == (50, 37) and result.mode == "RGB"  # cropped back, still colour
     assert (tmp_path / "photo_denoised_compare.png").stat().st_size > 1000
     first = (tmp_path / "photo_denoised.png").read_bytes()
     for extra, message in [([], "exists; pass --force"),

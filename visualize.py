@@ -196,14 +196,16 @@ def denoise_tiled(net, image, multiple, tile=TILE, margin=TILE_MARGIN):
     return out
 
 
-def save_image(image, path):
-    """Save C x H x W in [0, 1] as an 8-bit image file, atomically (the suffix picks the
-    format)."""
-    from PIL import Image
-
-    pixels = image.mul(255).round().to(torch.uint8).permute(1, 2, 0).squeeze(2)  # H x W (x C)
-    kind = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
-    data.atomic_write(path, lambda f: Image.fromarray(pixels.numpy()).save(f, format=kind))
+def denoise_planes(net, image, channels, multiple):
+    """Denoise a C x H x W image in its own channels with a model of `channels` channels: a gray
+    model denoises each colour plane as a gray image; a colour model sees a gray image in all
+    three, and its output is turned back to gray. Returns C x H x W."""
+    if len(image) == channels:
+        return denoise_tiled(net, image, multiple)
+    if channels == 1:
+        return torch.cat([denoise_tiled(net, plane[None], multiple) for plane in image])
+    colour = denoise_tiled(net, image.expand(3, -1, -1), multiple)  # 3 x H x W
+    return data.convert_channels(colour[None], 1)[0]  # 1 x H x W
 
 
 def draw_side_by_side(noisy, denoised, title):
@@ -221,11 +223,14 @@ def draw_side_by_side(noisy, denoised, title):
 
 def image_outputs(image_path, out, force):
     """(denoised image, side-by-side figure) paths for --image: `out`, else NAME_denoised.png
-    here for NAME.jpg, and the figure beside it as ..._compare.png. Raises UsageError if one
-    would replace the input, or an existing file without `force`."""
+    (or .tif) here for NAME.png (.tif; a JPEG gives .png), and the figure beside it as
+    ..._compare.png. Raises UsageError if one would replace the input, or an existing file
+    without `force`."""
     if not os.path.isfile(image_path):  # a missing file, a folder, or a FIFO that would block
         raise train.UsageError(f"cannot read image {image_path}: not a regular file")
-    denoised = out or f"{os.path.splitext(os.path.basename(image_path))[0]}_denoised.png"
+    name, suffix = os.path.splitext(os.path.basename(image_path))
+    keep = suffix.lower() in (".png",) + data.TIFF_SUFFIXES  # JPEG would lose detail again
+    denoised = out or f"{name}_denoised{suffix if keep else '.png'}"
     if os.path.splitext(denoised)[1].lower() not in data.IMAGE_SUFFIXES:
         raise train.UsageError(f"--out {denoised}: name an image file ending in "
                                f"{', '.join(data.IMAGE_SUFFIXES)}")
@@ -286,10 +291,12 @@ def parse_args(argv=None):
     what.add_argument("--curves", action="store_true",
                       help="draw training loss and test PSNR per epoch from the checkpoint")
     what.add_argument("--image", metavar="PATH",
-                      help="denoise this image file (any size, gray or colour) as it is")
+                      help="denoise this PNG, JPEG or TIFF file (any size, gray or colour, 8 or 16 bits) "
+                           "as it is; the result keeps its channels and bit depth")
     p.add_argument("--out", default=None,
                    help="output file (default: denoising.png, sweep.png or curves.png here; "
-                        "for --image NAME.jpg, NAME_denoised.png and NAME_denoised_compare.png)")
+                        "for --image NAME.png or .tif, NAME_denoised.png or .tif (from a JPEG: .png) and "
+                        "NAME_denoised_compare.png)")
     p.add_argument("--force", action="store_true",
                    help="--image: let the outputs replace existing files (never the input)")
     p.add_argument("--n", type=train.positive_int, default=8, help="number of test images")
@@ -437,19 +444,26 @@ def curves_command(checkpoint, out, show):
 
 
 def image_command(image_path, net, config, out, force, show):
-    """--image PATH: denoise the file, save the result and an input | denoised figure."""
+    """--image PATH: denoise the file, save the result in its channels and at its bit depth,
+    and an input | denoised figure."""
     out, compare = image_outputs(image_path, out, force)
-    image = data.to_float(data.read_image(image_path, config["channels"]))  # C x H x W
-    denoised = denoise_tiled(net, image, model.size_multiple(config["widths"]))  # C x H x W
+    pixels = data.read_image(image_path)  # C x H x W: the file's own channels and bit depth
+    bits = 8 if pixels.dtype == torch.uint8 else 16
+    if bits == 16 and out.lower().endswith((".jpg", ".jpeg")):
+        raise train.UsageError(f"--out {out}: JPEG holds 8 bits per channel and {image_path} "
+                               f"has 16; name a .png or .tif file")
+    image = data.to_float(pixels)  # C x H x W in [0, 1]
+    denoised = denoise_planes(net, image, config["channels"], model.size_multiple(config["widths"]))
     try:
-        save_image(denoised, out)
+        data.write_image(out, data.to_pixels(denoised, pixels.dtype))
     except (OSError, ValueError, KeyError) as e:  # KeyError: Pillow cannot write that format
         raise train.UsageError(f"cannot write {out}: {data.one_line(e, 200)}") from e
     noise = train.config_noise(config)
-    title = (f"{image_path} ({image.shape[-1]}x{image.shape[-2]}), {arch_name(config)} trained "
-             f"on {config['dataset']} at noise {noise}")
+    title = (f"{image_path} ({image.shape[-1]}x{image.shape[-2]}), {arch_name(config)}"
+             f"{method_note(config)} trained on {config['dataset']} at noise {noise}")
     save_figure(draw_side_by_side(image, denoised, title), compare, show)
-    print(f"denoised: {out}; side by side: {compare}")
+    kind = "gray" if len(pixels) == 1 else "colour"
+    print(f"denoised: {out} ({bits}-bit {kind}); side by side: {compare}")
     return 0
 
 
