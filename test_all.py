@@ -353,7 +353,8 @@ def test_other_noise_types_have_the_documented_statistics():
     sk = train.add_noise(mixed, train.Noise("speckle", 0.2), g)
     assert (sk[100:] == 0).all()
     assert (sk[:100] - grey).std().item() == pytest.approx(0.4 * 0.2, rel=0.02)
-    for kind in train.NOISES:  # every type: clipped, seeded, and per-image levels for LO:HI
+    assert torch.equal(train.add_noise(grey, train.Noise("none", 0.0), g), grey)  # nothing added
+    for kind in set(train.NOISES) - {"none"}:  # clipped, seeded, per-image levels for LO:HI
         loud = train.add_noise(grey, train.Noise(kind, {"poisson": 0.5}.get(kind, 3.0)), g)
         assert loud.min() >= 0 and loud.max() <= 1
         a, b = (train.add_noise(grey, train.Noise(kind, 0.3), torch.Generator().manual_seed(1))
@@ -820,6 +821,61 @@ def test_a_method_and_clipping_are_recorded_and_kept(tmp_path, capsys):
     for flag, value in (("--method", "noise2noise"), ("--clip", "on")):
         exits_2(train.main, ["--resume", "n2s.pt", "--epochs", "2", flag, value], capsys,
                 f"{flag} {value} (the checkpoint has")
+
+
+def _noisy_folder(root, n=12, size=64, sigma=0.1):
+    """n smooth gray images with Gaussian noise of `sigma`, saved as 16-bit PNGs in root
+    (the only images a user with no clean data has). Returns the clean ones, n x 1 x H x W."""
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(0)
+    clean = TF.gaussian_blur(torch.rand(n, 1, size, size, generator=g), [21, 21], [4.0, 4.0])
+    low, high = clean.amin((1, 2, 3), keepdim=True), clean.amax((1, 2, 3), keepdim=True)
+    clean = (clean - low) / (high - low) * 0.6 + 0.2  # n x 1 x H x W in [0.2, 0.8]
+    noisy = (clean + sigma * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    root.mkdir()
+    for i, image in enumerate(noisy):
+        data.write_image(str(root / f"img{i:02d}.png"), data.to_pixels(image, torch.int32))
+    return clean
+
+
+@pytest.mark.parametrize("method", ["noise2self", "neighbor2neighbor"])
+def test_a_folder_of_noisy_images_alone_trains_a_denoiser(tmp_path, capsys, method):
+    clean = _noisy_folder(tmp_path / "noisy")
+    argv = ["--dataset", "folder", "--data-dir", "noisy", "--noise", "none", "--method", method,
+            "--channels", "1", "--crop", "32", "--batch-size", "64", "--checkpoint", "own.pt"]
+    assert train.main(argv + ["--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "scored by their " + method in out and "held-out loss" in out
+    assert "test PSNR" not in out
+    history = torch.load("own.pt", weights_only=True)["history"]
+    assert all("test_psnr" not in h for h in history)
+    assert history[-1]["test_loss"] < history[0]["test_loss"]
+    assert train.main(argv + ["--resume", "own.pt", "--epochs", "4"]) == 0
+    for extra in (["--out", "own.png"], ["--curves", "--out", "curves.png"],
+                  ["--image", "noisy/img00.png"]):
+        assert visualize.main(["--checkpoint", "own.pt", *extra]) == 0
+    assert "held-out images as they are, and denoised" in capsys.readouterr().out
+    denoised = data.read_image("img00_denoised.png")  # 16 bits and gray, as the input
+    assert denoised.dtype == torch.int32 and denoised.shape == (1, 64, 64)
+    noisy = data.to_float(data.read_image("noisy/img00.png"))[None]
+    gain = train.psnr(data.to_float(denoised)[None], clean[:1]) - train.psnr(noisy, clean[:1])
+    assert gain > 2  # dB, against clean images that training never saw
+    exits_2(visualize.main, ["--checkpoint", "own.pt", "--sweep"], capsys,
+            "--sweep scores against clean images")
+
+
+def test_noise_none_asks_for_a_folder_and_a_method_without_clean_images(tmp_path, capsys):
+    _noisy_folder(tmp_path / "noisy", n=3)
+    folder = ["--dataset", "folder", "--data-dir", "noisy", "--noise", "none"]
+    for argv, message in [(folder, "--method supervised needs a clean target"),
+                          (folder + ["--method", "noise2noise"], "two noisy copies"),
+                          (["--noise", "none", "--method", "noise2self"], "mnist is clean"),
+                          (folder + ["--method", "noise2self", "--noise-level", "0.1"],
+                           "takes no --noise-level")]:
+        line = exits_2(train.main, argv + ["--checkpoint", "x.pt"], capsys, message)
+        assert "noise2self or neighbor2neighbor" in line or "noise" in line
+    assert not os.path.exists("x.pt")
 
 
 def test_two_epochs_on_the_sample_learn_to_denoise(sample):

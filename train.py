@@ -44,6 +44,7 @@ NOISES = {
     "salt-pepper": ("fraction of pixel values replaced, half by 0 and half by 1", 0.2, 1.0),
     "poisson": ("photons a white pixel collects (larger is cleaner)", 10.0, 1e9),
     "speckle": ("standard deviation of the multiplicative noise", 0.5, 100.0),
+    "none": ("nothing is added: the images of a folder are noisy already", 0.0, 0.0),
 }
 MIN_PHOTONS = 1e-3  # fewer, and Poisson(x * level) / level divides by almost nothing
 
@@ -57,7 +58,9 @@ class Noise(NamedTuple):
     level: object
     clip: bool = True
 
-    def __str__(self):  # 'sigma 0.5', 'salt-pepper 0.2', 'sigma 0.1:0.5 unclipped'
+    def __str__(self):  # 'sigma 0.5', 'salt-pepper 0.2', 'sigma 0.1:0.5 unclipped', 'none'
+        if self.kind == "none":
+            return "none"
         level = self.level if isinstance(self.level, (list, tuple)) else [self.level]
         return ("sigma " if self.kind == "gaussian" else f"{self.kind} ") + ":".join(
             f"{v:g}" for v in level) + ("" if self.clip else " unclipped")
@@ -73,9 +76,12 @@ def add_noise(images, noise, generator):
 
     "gaussian" adds N(0, level^2); "speckle" adds images * N(0, level^2); "salt-pepper" sets a
     fraction `level` of the values to 0 or 1; "poisson" counts Poisson(images * level) photons
-    and divides by `level`. The same generator state gives the same noisy images.
+    and divides by `level`; "none" adds nothing (the images are noisy already). The same
+    generator state gives the same noisy images.
     """
     kind, level = noise[:2]
+    if kind == "none":
+        return images.clone()
     clip = (lambda x: x.clamp_(0, 1)) if noise.clip else (lambda x: x)  # in place
     if isinstance(level, (list, tuple)):  # one level per image, N x 1 x 1 x 1
         lo, hi = level
@@ -103,6 +109,8 @@ def check_noise(noise):
     kind, level = noise[:2]
     if kind not in NOISES:
         raise ValueError(f"unknown noise {kind!r} (choose from {', '.join(NOISES)})")
+    if kind == "none" and level != 0:
+        raise ValueError("--noise none adds nothing, so it takes no --noise-level")
     levels = list(level) if isinstance(level, (list, tuple)) else [level]
     if not (len(levels) in (1, 2) and all(is_number(v) for v in levels)
             and levels[0] <= levels[-1]):
@@ -359,6 +367,22 @@ def evaluate(net, noisy, clean, amp=False):
     return psnr(restored, clean), ssim(restored, clean)
 
 
+@torch.inference_mode()
+def heldout_loss(net, noisy, loss, amp=False, batch_size=EVAL_BATCH_SIZE):
+    """A self-supervised `loss` on held-out noisy images (N x C x H x W), in eval mode, its
+    random choices drawn from TEST_NOISE_SEED so that epochs compare: the score of a run with
+    no clean images. (For noise2self it is the error against the unseen clean images plus the
+    noise's variance: Batson & Royer 2019.)"""
+    generator = torch.Generator(device=noisy.device).manual_seed(TEST_NOISE_SEED)
+    was_training, total = net.training, 0.0
+    net.eval()
+    with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=amp):
+        for chunk in noisy.split(batch_size):
+            total += loss(net, chunk, None, generator).item() * len(chunk)
+    net.train(was_training)
+    return total / len(noisy)
+
+
 # ---------------------------------------------------------------- checkpoints and resume
 
 # The config keys every script reads; the rest of a config records how the run was made.
@@ -406,6 +430,7 @@ def check_config(config):
     if config["channels"] not in (None, 1, 3):  # what the data sets and figures handle
         raise ValueError(f"--channels must be 1 or 3, got {config['channels']!r}")
     check_noise(config_noise(config))
+    check_blind(config["noise"], config["dataset"], config.get("method"))
     for key, (kind, low, high, meaning) in LIMITS.items():
         if config.get(key) is not None and not within(config[key], kind, low, high):
             raise ValueError(f"--{key.replace('_', '-')} must be {meaning}, got {config[key]!r}")
@@ -427,12 +452,27 @@ def check_config(config):
                          f"with {len(config['widths'])} levels, got {crop}")
 
 
+def check_blind(noise, dataset, method):
+    """Raise ValueError (one line) unless --noise none, if asked for, can work: on a folder of
+    images that are noisy already, with a method that needs neither clean images nor pairs."""
+    if noise != "none":
+        return
+    if dataset != "folder":
+        raise ValueError(f"--noise none is for --dataset folder, images that are noisy already; "
+                         f"{dataset} is clean: choose a noise to add")
+    if method in ("supervised", "noise2noise"):
+        need = "a clean target" if method == "supervised" else "two noisy copies of each image"
+        raise ValueError(f"--method {method} needs {need}, and --noise none has only the images "
+                         f"as they are: use --method noise2self or neighbor2neighbor")
+
+
 def check_history(history):
     """Raise ValueError unless `history` is a list of epoch records (dicts with an int "epoch"
-    and numbers for "train_loss" and "test_psnr")."""
+    and numbers for "train_loss" and "test_psnr", or "test_loss" for --noise none)."""
     if not (isinstance(history, list) and all(
             isinstance(h, dict) and type(h.get("epoch")) is int
-            and all(isinstance(h.get(k), (int, float)) for k in ("train_loss", "test_psnr"))
+            and all(isinstance(h.get(k), (int, float)) for k in (
+                "train_loss", "test_psnr" if "test_psnr" in h else "test_loss"))
             for h in history)):
         raise ValueError("its history is not a list of epoch records")
 
@@ -694,7 +734,8 @@ def run_training(args, stop):
               + f", {data.images_per_epoch(train_x):,} training images per epoch, "
               f"lr {config['lr']:g} {config['lr_schedule']}, {config['method']}")
         # rank 0 alone scores: the others wait at the next exchange
-        test = None if procs.rank else scored_test_set(ds.test_x.to(device), config_noise(config))
+        test = None if procs.rank else scored_test_set(ds.test_x.to(device), config_noise(config),
+                                                        config["method"])
         stop["training"] = True
         try:
             return train_epochs(state, config, train_x=train_x, test=test, path=path,
@@ -823,19 +864,25 @@ def setup(config, net, ds, procs):
 
 
 class TestSet(NamedTuple):
-    """The clean test images, their fixed noisy draw, and the noisy input's PSNR."""
+    """The clean test images, their fixed noisy draw, and the noisy input's PSNR; with --noise
+    none, only the noisy images and the loss that scores them."""
 
-    clean: torch.Tensor  # N x C x H x W
+    clean: torch.Tensor  # N x C x H x W, or None: the images are noisy already
     noisy: torch.Tensor  # N x C x H x W
-    noisy_psnr: float
+    noisy_psnr: float = None
+    loss: object = None  # --noise none: the method's loss, for heldout_loss
 
 
-def scored_test_set(clean, noise):
+def scored_test_set(images, noise, method):
     """The TestSet of a run; prints the noisy input's scores, the baseline."""
-    noisy = fixed_noisy_test_set(clean, noise)  # N x C x H x W
-    baseline = psnr(noisy, clean)
-    print(f"noisy input ({noise}): test PSNR {baseline:.2f} dB, SSIM {ssim(noisy, clean):.4f}")
-    return TestSet(clean, noisy, baseline)
+    if noise.kind == "none":
+        print(f"held-out: {len(images):,} of the images, noisy already: scored by their {method} "
+              f"loss (with no clean image there is no PSNR)")
+        return TestSet(None, images, loss=METHODS[method])
+    noisy = fixed_noisy_test_set(images, noise)  # N x C x H x W
+    baseline = psnr(noisy, images)
+    print(f"noisy input ({noise}): test PSNR {baseline:.2f} dB, SSIM {ssim(noisy, images):.4f}")
+    return TestSet(images, noisy, baseline)
 
 
 def train_epochs(state, config, *, train_x, test, path, history, position, stop, procs):
@@ -900,13 +947,17 @@ def train_epochs(state, config, *, train_x, test, path, history, position, stop,
 
 def scored_epoch(net, test, epoch, loss, start, images, precision):
     """Score the model after an epoch and print the epoch's line; returns its history record."""
-    seconds = time.perf_counter() - start  # training alone, for images per second
-    test_psnr, test_ssim = evaluate(net, test.noisy, test.clean, amp=precision == "bf16")
-    record = {"epoch": epoch, "train_loss": loss, "test_psnr": test_psnr, "test_ssim": test_ssim,
+    seconds, amp = time.perf_counter() - start, precision == "bf16"  # training alone: img/s
+    if test.clean is None:  # --noise none
+        scores = {"test_loss": heldout_loss(net, test.noisy, test.loss, amp)}
+        shown = f"held-out loss {scores['test_loss']:.5f}"
+    else:
+        scores = dict(zip(("test_psnr", "test_ssim"), evaluate(net, test.noisy, test.clean, amp)))
+        shown = f"test PSNR {scores['test_psnr']:.2f} dB  SSIM {scores['test_ssim']:.4f}"
+    record = {"epoch": epoch, "train_loss": loss, **scores,
               "seconds": time.perf_counter() - start}
-    say(f"epoch {epoch:3d}  train loss {loss:.5f}  test PSNR {test_psnr:.2f} dB  "
-        f"SSIM {test_ssim:.4f}  {record['seconds']:.1f} s  {images / seconds:,.0f} img/s  "
-        f"{precision}")
+    say(f"epoch {epoch:3d}  train loss {loss:.5f}  {shown}  {record['seconds']:.1f} s  "
+        f"{images / seconds:,.0f} img/s  {precision}")
     return record
 
 
@@ -950,7 +1001,7 @@ def save_stop(checkpoint, path, stop, procs, epochs, where):
 
 def finish(path, history, test):
     """The closing lines of a finished run; a warning if the model made the images worse."""
-    if history and history[-1]["test_psnr"] < test.noisy_psnr:
+    if history and test.noisy_psnr is not None and history[-1]["test_psnr"] < test.noisy_psnr:
         print(f"train.py: warning: the model scores {history[-1]['test_psnr']:.2f} dB, below the "
               f"noisy input's {test.noisy_psnr:.2f} dB: it makes images worse (--lr too high?)",
               file=sys.stderr)
@@ -1149,7 +1200,9 @@ def add_shared_flags(parser, checkpoint_default):
     add_data_dir_flag(parser)
     meanings = "; ".join(f"{k}: {m} (default {d:g})" for k, (m, d, _) in NOISES.items())
     parser.add_argument("--noise", choices=NOISES, default=None,
-                        help="noise type (default: gaussian, or the checkpoint's)")
+                        help="noise type; none: add nothing, for a --dataset folder of images "
+                             "that are noisy already, with --method noise2self or "
+                             "neighbor2neighbor (default: gaussian, or the checkpoint's)")
     parser.add_argument("--noise-level", type=noise_level, default=None,
                         help=f"noise strength, or a range LO:HI (one level per image, drawn "
                              f"uniformly: blind training). {meanings}. Noisy pixels are "

@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 
 import matplotlib.pyplot as plt
 import torch
@@ -47,14 +48,17 @@ def _as_image(tensor):
 
 def draw_comparison(noisy, clean, denoised, title):
     """Three rows: noisy (top), clean (middle), denoised (bottom), PSNR under noisy and denoised.
+    With clean None (images that are noisy already): two rows, input and denoised.
 
     Images are N x C x H x W in [0, 1], drawn on a fixed 0..1 scale so brightness is comparable
     across columns. Returns the matplotlib Figure.
     """
-    n = len(clean)
-    fig, axes = plt.subplots(3, n, figsize=(1.25 * n + 0.9, 4.6), squeeze=False)
-    rows = [("noisy", noisy, train.psnr_per_image(noisy, clean)), ("clean", clean, None),
-            ("denoised", denoised, train.psnr_per_image(denoised, clean))]
+    rows = ([("input", noisy, None), ("denoised", denoised, None)] if clean is None else
+            [("noisy", noisy, train.psnr_per_image(noisy, clean)), ("clean", clean, None),
+             ("denoised", denoised, train.psnr_per_image(denoised, clean))])
+    n = len(noisy)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.25 * n + 0.9, 1.55 * len(rows)),
+                             squeeze=False)
     for r, (label, images, scores) in enumerate(rows):
         for c, ax in enumerate(axes[r]):
             ax.imshow(_as_image(images[c]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -63,7 +67,7 @@ def draw_comparison(noisy, clean, denoised, title):
             if scores is not None:
                 ax.set_xlabel(f"{scores[c]:.1f} dB", fontsize=9)
         axes[r, 0].set_ylabel(label, fontsize=11)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, int(12 * fig.get_figwidth())), fontsize=10)  # fits a column
     fig.tight_layout()
     return fig
 
@@ -149,14 +153,16 @@ def draw_sweep(rows, kind, title):
 
 
 def draw_curves(history, title):
-    """Training loss (log scale) and test PSNR against epoch, from a checkpoint's history."""
-    epochs = [h["epoch"] for h in history]
+    """Training loss (log scale) and test PSNR against epoch, from a checkpoint's history (a
+    run with --noise none: its held-out loss instead of PSNR)."""
+    epochs, scored = [h["epoch"] for h in history], "test_psnr" in history[0]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     left.plot(epochs, [h["train_loss"] for h in history], "o-")
     left.set_yscale("log")
     left.set_ylabel("training loss (MSE)")
-    right.plot(epochs, [h["test_psnr"] for h in history], "o-", color="C1")
-    right.set_ylabel("test PSNR (dB)")
+    right.plot(epochs, [h["test_psnr" if scored else "test_loss"] for h in history], "o-",
+               color="C1")
+    right.set_ylabel("test PSNR (dB)" if scored else "held-out loss (the method's)")
     for ax in (left, right):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -289,7 +295,8 @@ def parse_args(argv=None):
                       help="score the model, a 3x3 median filter and a tuned Gaussian blur "
                            "across noise levels: a markdown table and a PSNR-vs-level figure")
     what.add_argument("--curves", action="store_true",
-                      help="draw training loss and test PSNR per epoch from the checkpoint")
+                      help="draw training loss and test PSNR (--noise none: held-out loss) per "
+                           "epoch from the checkpoint")
     what.add_argument("--image", metavar="PATH",
                       help="denoise this PNG, JPEG or TIFF file (any size, gray or colour, 8 or 16 bits) "
                            "as it is; the result keeps its channels and bit depth")
@@ -352,6 +359,9 @@ def figure_command(args, net, config):
             train.check_noise(train.Noise(noise.kind, level))
         except ValueError as e:
             raise train.UsageError(f"--levels: {e}") from e
+    if args.sweep and noise.kind == "none":
+        raise train.UsageError("--sweep scores against clean images, and with --noise none the "
+                               "images are noisy already: name a noise to add with --noise")
     ds = data.load_dataset(config["dataset"], args.data_dir or config["data_dir"],
                            channels=config["channels"], crop=config.get("crop"))
     print(ds.note)
@@ -363,9 +373,12 @@ def figure_command(args, net, config):
     idx = pick_indices(len(ds.test_x), min(args.n, len(ds.test_x)), args.seed)  # n
     clean, noisy = ds.test_x[idx], noisy_all[idx]  # n x C x H x W each
     denoised = train.denoise(net, noisy)  # n x C x H x W
-    title = (f"{arch_name(config)}{method_note(config)} autoencoder, {ds.name}, noise {noise}: "
-             f"mean PSNR {train.psnr(noisy, clean):.1f} dB noisy -> "
-             f"{train.psnr(denoised, clean):.1f} dB denoised")
+    title = f"{arch_name(config)}{method_note(config)} autoencoder, {ds.name}, noise {noise}"
+    if noise.kind == "none":  # the held-out images as they are: nothing clean to score against
+        clean, title = None, f"{title}: held-out images as they are, and denoised"
+    else:
+        title += (f": mean PSNR {train.psnr(noisy, clean):.1f} dB noisy -> "
+                  f"{train.psnr(denoised, clean):.1f} dB denoised")
     save_figure(draw_comparison(noisy, clean, denoised, title), out, args.show)
     print(f"figure: {out} ({title})")
     return 0
