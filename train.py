@@ -32,6 +32,7 @@ TEST_NOISE_SEED = 2024  # independent of --seed: every run and epoch is scored o
 EVAL_BATCH_SIZE = 1000  # inference only: large batches are fastest and fit easily in memory
 FINITE_CHECK_EVERY = 50  # steps between checks that the loss is finite (each check syncs a GPU)
 SSIM_WINDOW = 11  # Wang et al. 2004: an 11 x 11 Gaussian window of sigma 1.5
+HELDOUT_DRAWS = 16  # a self-supervised held-out loss is averaged over this many random masks
 LR_SCHEDULES = ("constant", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -368,19 +369,20 @@ def evaluate(net, noisy, clean, amp=False):
 
 
 @torch.inference_mode()
-def heldout_loss(net, noisy, loss, amp=False, batch_size=EVAL_BATCH_SIZE):
-    """A self-supervised `loss` on held-out noisy images (N x C x H x W), in eval mode, its
-    random choices drawn from TEST_NOISE_SEED so that epochs compare: the score of a run with
-    no clean images. (For noise2self it is the error against the unseen clean images plus the
-    noise's variance: Batson & Royer 2019.)"""
+def heldout_loss(net, noisy, loss, amp=False, draws=HELDOUT_DRAWS, batch_size=EVAL_BATCH_SIZE):
+    """A self-supervised `loss` on held-out noisy images (N x C x H x W), in eval mode, averaged
+    over `draws` of its random choices (which pixels hide) drawn from TEST_NOISE_SEED, so that
+    epochs compare: the score of a run with no clean images. For noise2self it is the error
+    against the unseen clean images plus the noise's variance (Batson & Royer 2019)."""
     generator = torch.Generator(device=noisy.device).manual_seed(TEST_NOISE_SEED)
     was_training, total = net.training, 0.0
     net.eval()
     with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=amp):
-        for chunk in noisy.split(batch_size):
-            total += loss(net, chunk, None, generator).item() * len(chunk)
+        for _ in range(draws):
+            for chunk in noisy.split(batch_size):
+                total += loss(net, chunk, None, generator).item() * len(chunk)
     net.train(was_training)
-    return total / len(noisy)
+    return total / (draws * len(noisy))
 
 
 # ---------------------------------------------------------------- checkpoints and resume
