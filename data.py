@@ -23,6 +23,7 @@ SAMPLE_SPLIT_SEED = 0  # fixes the 4,000 / 1,000 split of the bundled sample for
 SAMPLE_TEST_PER_CLASS = 100  # 500 digits per class in the sample -> 400 train / 100 test
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TIFF_SUFFIXES = (".tif", ".tiff")
+TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # little/big-endian, classic/BigTIFF
 FOLDER_SPLIT_SEED = 0  # fixes which files of a folder are held out for testing
 FOLDER_TEST_FRACTION = 0.1  # of the files, at least one
 DEFAULT_CROP = 64
@@ -260,13 +261,15 @@ def read_image(path, channels=None):
     """An image file as C x H x W integer pixels: uint8 for an 8-bit file, int32 holding the
     values of a 16-bit one (to_float scales either to [0, 1] by its bit depth). C = `channels`
     (1: gray, 3: RGB), converted if the file is the other kind; None: the file's own (alpha is
-    dropped). Raises DataError with one line."""
+    dropped). The format is read from the file's first bytes. Raises DataError with one line."""
     if not os.path.isfile(path):  # a folder would fail late, a FIFO would block
         raise DataError(f"cannot read image {path}: not a regular file")
-    suffix = os.path.splitext(path)[1].lower()
     try:
-        array = (read_tiff(path) if suffix in TIFF_SUFFIXES else
-                 read_png(path) if suffix == ".png" else read_jpeg(path))  # H x W (x C)
+        with open(path, "rb") as file:
+            head = file.read(4)
+        reader = (read_png if head == b"\x89PNG" else read_tiff if head in TIFF_MAGIC
+                  else read_jpeg)  # JPEG, or whatever else Pillow can open
+        array = reader(path)  # H x W (x C)
     except DataError:
         raise
     except Exception as e:  # not an image, truncated, unsupported
@@ -279,8 +282,12 @@ def read_image(path, channels=None):
     pixels = pixels if pixels.dtype == torch.uint8 else pixels.to(torch.int32)
     if channels is None or channels == len(pixels):
         return pixels
-    converted = convert_channels(pixels[None].float(), channels)[0]  # C x H x W
-    return converted.round_().to(pixels.dtype)
+    if channels == 3:
+        return pixels.repeat(3, 1, 1)  # 3 x H x W
+    # Pillow's fixed-point ITU-R 601 luminance: files read as gray as they did through Pillow
+    weights = torch.tensor([19595, 38470, 7471]).view(3, 1, 1)  # 65536 x (0.299, 0.587, 0.114)
+    gray = (pixels.long().mul(weights).sum(0, keepdim=True) + 0x8000) >> 16  # 1 x H x W
+    return gray.to(pixels.dtype)
 
 
 def read_png(path):
@@ -301,41 +308,60 @@ def read_jpeg(path):
 
 
 def read_tiff(path):
-    """A TIFF file's one image, H x W (x C): tifffile (with imagecodecs' decompressors) reads
-    what microscopes write, where Pillow reads 16-bit colour as 8. Raises DataError for a
-    stack of images."""
+    """A TIFF file's one image, H x W (x C), gray or RGB: tifffile (with imagecodecs'
+    decompressors) reads what microscopes write, where Pillow reads 16-bit colour as 8. Raises
+    DataError for a stack of images, channels on separate planes, or other colour models."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
+        series, colours = tif.series[0], tif.pages[0].photometric.name
         array, axes, stacks = series.asarray(), series.axes, len(tif.series)
-    if stacks > 1 or any(n > 1 for a, n in zip(axes, array.shape) if a not in "YXS"):
+    extra = {a: n for a, n in zip(axes, array.shape) if a not in "YXS" and n > 1}
+    if stacks == 1 and list(extra) == ["C"]:
+        raise DataError(f"cannot read image {path}: its {extra['C']} channels are separate "
+                        f"planes (axes {axes}); save it as gray or RGB, or one channel per file")
+    if stacks > 1 or extra:
         raise DataError(f"cannot read image {path}: it holds a stack of images (axes {axes}, "
                         f"shape {array.shape}); save the one to use as a file of its own")
+    if colours not in ("MINISBLACK", "MINISWHITE", "RGB"):
+        raise DataError(f"cannot read image {path}: its colours are {colours}; gray and RGB "
+                        f"only: save it as RGB")
     kept = [a for a in axes if a in "YXS"]
     array = array.reshape([n for a, n in zip(axes, array.shape) if a in "YXS"])
+    if colours == "MINISWHITE" and array.dtype.kind == "u":  # 0 is white: turn it around
+        array = np.iinfo(array.dtype).max - array
     return np.moveaxis(array, kept.index("S"), -1) if "S" in kept else array  # H x W (x S)
+
+
+def check_writable(path, dtype):
+    """Raise ValueError (one line) unless pixels of `dtype` (uint8: 8-bit; int32: 16-bit) can be
+    written to `path`: its suffix picks the format, and JPEG holds 8 bits."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(f"name an image file ending in {', '.join(IMAGE_SUFFIXES)}")
+    if dtype != torch.uint8 and suffix in (".jpg", ".jpeg"):
+        raise ValueError("JPEG holds 8 bits per channel and these pixels have 16; name a .png "
+                         "or .tif file")
 
 
 def write_image(path, pixels):
     """Save C x H x W integer pixels (uint8: an 8-bit file; int32: 16-bit) atomically; the
-    suffix picks PNG, JPEG (8-bit only) or TIFF. Raises ValueError or OSError."""
+    suffix picks PNG, JPEG or TIFF. Raises ValueError (see check_writable) or OSError."""
     import imagecodecs
     import tifffile
     from PIL import Image
 
+    check_writable(path, pixels.dtype)
     deep = pixels.dtype != torch.uint8
     array = np.ascontiguousarray(pixels.permute(1, 2, 0).squeeze(2).numpy(),
-                                 dtype=np.uint16 if deep else np.uint8)
-    suffix, blob = os.path.splitext(path)[1].lower(), io.BytesIO()  # array: H x W (x 3)
+                                 dtype=np.uint16 if deep else np.uint8)  # H x W (x 3)
+    suffix, blob = os.path.splitext(path)[1].lower(), io.BytesIO()
     if suffix in TIFF_SUFFIXES:
         tifffile.imwrite(blob, array, photometric="minisblack" if array.ndim == 2 else "rgb")
     elif suffix == ".png":  # 8 or 16 bits, gray or colour
         blob.write(imagecodecs.png_encode(array))
-    elif deep:
-        raise ValueError("JPEG holds 8 bits per channel; write .png or .tif to keep 16")
     else:
-        Image.fromarray(array).save(blob, format=Image.registered_extensions()[suffix])
+        Image.fromarray(array).save(blob, format="JPEG", quality=95)
     atomic_write(path, lambda f: f.write(blob.getvalue()))
 
 

@@ -554,8 +554,8 @@ def test_images_are_written_at_their_bit_depth_and_read_back_exactly(suffix, cha
     from PIL import Image
 
     top = 255 if dtype == torch.uint8 else 65535
-    pixels = torch.randint(0, top + 1, (channels, 9, 13), generator=torch.Generator().manual_seed(0))
-    pixels = pixels.to(dtype)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, top + 1, (channels, 9, 13), generator=g).to(dtype)
     data.write_image(f"out{suffix}", pixels)
     assert torch.equal(data.read_image(f"out{suffix}"), pixels)  # depth and channels kept
     if channels == 1 or dtype == torch.uint8:  # what Pillow reads right agrees
@@ -582,6 +582,28 @@ def test_palettes_cmyk_and_exif_rotation_are_read_as_a_viewer_shows_them():
     assert data.read_image("print.jpg").shape == (3, 5, 7)
     Image.fromarray(colours, "RGB").convert("RGBA").save("alpha.png")
     assert data.read_image("alpha.png").shape == (3, 5, 7)  # alpha dropped
+    with Image.open("alpha.png") as image:  # colour to gray as Pillow does it, to the bit
+        assert np.array_equal(data.read_image("alpha.png", 1)[0].numpy(),
+                              np.asarray(image.convert("L")))
+    os.rename("alpha.png", "named-wrong.jpg")  # the first bytes say PNG, not the suffix
+    assert data.read_image("named-wrong.jpg").shape == (3, 5, 7)
+
+
+def test_tiffs_are_read_by_their_colour_model_and_layout():
+    import tifffile
+
+    planes = np.random.default_rng(0).integers(0, 65536, (3, 5, 7), dtype=np.uint16)
+    tifffile.imwrite("planar.tif", planes, photometric="rgb", planarconfig="separate")
+    assert np.array_equal(data.read_image("planar.tif").numpy(), planes)  # C x H x W
+    tifffile.imwrite("negative.tif", planes[0], photometric="miniswhite")  # 0 is white
+    assert np.array_equal(data.read_image("negative.tif")[0].numpy(), 65535 - planes[0])
+    tifffile.imwrite("channels.tif", planes, imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite("palette.tif", (planes[0] // 256).astype(np.uint8), photometric="palette",
+                     colormap=np.tile(np.arange(256, dtype=np.uint16) * 257, (3, 1)))
+    for path, message in [("channels.tif", "its 3 channels are separate planes"),
+                          ("palette.tif", "its colours are PALETTE")]:
+        with pytest.raises(data.DataError, match=message):
+            data.read_image(path)
 
 
 def test_tiff_stacks_float_tiffs_and_16_bit_jpegs_are_refused_in_one_line():
@@ -866,20 +888,22 @@ def test_a_folder_of_noisy_images_alone_trains_a_denoiser(tmp_path, capsys, meth
     noisy = data.to_float(data.read_image("noisy/img00.png"))[None]
     gain = train.psnr(data.to_float(denoised)[None], clean[:1]) - train.psnr(noisy, clean[:1])
     assert gain > 2  # dB, against clean images that training never saw
-    exits_2(visualize.main, ["--checkpoint", "own.pt", "--sweep"], capsys,
-            "--sweep scores against clean images")
+    for extra, message in [(["--sweep", "--levels", "0.1"], "--sweep scores against clean images"),
+                           (["--noise", "gaussian"], "its figure shows them as they are")]:
+        exits_2(visualize.main, ["--checkpoint", "own.pt", *extra], capsys, message)
 
 
 def test_noise_none_asks_for_a_folder_and_a_method_without_clean_images(tmp_path, capsys):
     _noisy_folder(tmp_path / "noisy", n=3)
     folder = ["--dataset", "folder", "--data-dir", "noisy", "--noise", "none"]
-    for argv, message in [(folder, "--method supervised needs a clean target"),
+    for argv, message in [(folder, "--method supervised needs a clean target, and --noise none "
+                                   "has only the images as they are: use --method noise2self or "
+                                   "neighbor2neighbor"),
                           (folder + ["--method", "noise2noise"], "two noisy copies"),
                           (["--noise", "none", "--method", "noise2self"], "mnist is clean"),
                           (folder + ["--method", "noise2self", "--noise-level", "0.1"],
                            "takes no --noise-level")]:
-        line = exits_2(train.main, argv + ["--checkpoint", "x.pt"], capsys, message)
-        assert "noise2self or neighbor2neighbor" in line or "noise" in line
+        exits_2(train.main, argv + ["--checkpoint", "x.pt"], capsys, message)
     assert not os.path.exists("x.pt")
 
 
@@ -1853,6 +1877,18 @@ def test_denoise_your_own_image_never_overwrites(tmp_path, one_epoch, capsys):
     (tmp_path / "junk.png").write_text("not an image")
     exits_2(visualize.main, ["--checkpoint", str(one_epoch), "--image", "junk.png"], capsys,
             "cannot read image")
+    exits_2(visualize.main, ["--checkpoint", str(one_epoch), "--noise", "none"], capsys,
+            "--noise none is for a model that learnt from images that are noisy already")
+
+
+def test_a_colour_model_denoises_a_gray_image_into_a_gray_one():
+    torch.manual_seed(0)
+    net = model.build_model(model.model_config("basic", 3)).eval()
+    gray = torch.rand(1, 12, 16)
+    out = visualize.denoise_planes(net, gray, 3, 4)
+    colour = visualize.denoise_image(net, gray.expand(3, -1, -1), 4)
+    assert out.shape == (1, 12, 16)
+    assert torch.allclose(out, data.convert_channels(colour[None], 1)[0])
 
 
 def test_odd_sized_images_are_padded_and_cropped_back():

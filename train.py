@@ -372,8 +372,9 @@ def evaluate(net, noisy, clean, amp=False):
 def heldout_loss(net, noisy, loss, amp=False, draws=HELDOUT_DRAWS, batch_size=EVAL_BATCH_SIZE):
     """A self-supervised `loss` on held-out noisy images (N x C x H x W), in eval mode, averaged
     over `draws` of its random choices (which pixels hide) drawn from TEST_NOISE_SEED, so that
-    epochs compare: the score of a run with no clean images. For noise2self it is the error
-    against the unseen clean images plus the noise's variance (Batson & Royer 2019)."""
+    epochs compare: the score of a run with no clean images. For noise2self and zero-mean
+    noise independent between pixels, its expectation is the masked prediction's error against
+    the unseen clean images plus the noise's variance (Batson & Royer 2019)."""
     generator = torch.Generator(device=noisy.device).manual_seed(TEST_NOISE_SEED)
     was_training, total = net.training, 0.0
     net.eval()
@@ -432,7 +433,7 @@ def check_config(config):
     if config["channels"] not in (None, 1, 3):  # what the data sets and figures handle
         raise ValueError(f"--channels must be 1 or 3, got {config['channels']!r}")
     check_noise(config_noise(config))
-    check_blind(config["noise"], config["dataset"], config.get("method"))
+    check_noise_none(config["noise"], config["dataset"], config.get("method"))
     for key, (kind, low, high, meaning) in LIMITS.items():
         if config.get(key) is not None and not within(config[key], kind, low, high):
             raise ValueError(f"--{key.replace('_', '-')} must be {meaning}, got {config[key]!r}")
@@ -454,7 +455,7 @@ def check_config(config):
                          f"with {len(config['widths'])} levels, got {crop}")
 
 
-def check_blind(noise, dataset, method):
+def check_noise_none(noise, dataset, method):
     """Raise ValueError (one line) unless --noise none, if asked for, can work: on a folder of
     images that are noisy already, with a method that needs neither clean images nor pairs."""
     if noise != "none":
@@ -470,11 +471,12 @@ def check_blind(noise, dataset, method):
 
 def check_history(history):
     """Raise ValueError unless `history` is a list of epoch records (dicts with an int "epoch"
-    and numbers for "train_loss" and "test_psnr", or "test_loss" for --noise none)."""
+    and numbers for "train_loss" and "test_psnr", or all "test_loss" for --noise none)."""
+    score = "test_loss" if history and isinstance(history[0], dict) and (
+        "test_loss" in history[0]) else "test_psnr"
     if not (isinstance(history, list) and all(
             isinstance(h, dict) and type(h.get("epoch")) is int
-            and all(isinstance(h.get(k), (int, float)) for k in (
-                "train_loss", "test_psnr" if "test_psnr" in h else "test_loss"))
+            and all(isinstance(h.get(k), (int, float)) for k in ("train_loss", score))
             for h in history)):
         raise ValueError("its history is not a list of epoch records")
 

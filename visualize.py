@@ -32,6 +32,7 @@ TUNE_IMAGES = 500  # training images (never scored) on which each level's blur w
 CHUNK = 1000  # images per filter call: keeps the 3x3 windows of a large test set small
 TILE = 512  # --image works on tiles of at most this many pixels a side: memory stays bounded
 TILE_MARGIN = 64  # context around each tile, denoised and dropped: wider than the models see
+TITLE_CHARACTERS_PER_INCH = 12  # of a 10-point title: where draw_comparison wraps it
 # What a figure file starts with: an existing --out is replaced only if it is one of these.
 FIGURE_MAGIC = {".png": (b"\x89PNG",), ".pdf": (b"%PDF",), ".svg": (b"<?xml", b"<svg")}
 
@@ -67,7 +68,8 @@ def draw_comparison(noisy, clean, denoised, title):
             if scores is not None:
                 ax.set_xlabel(f"{scores[c]:.1f} dB", fontsize=9)
         axes[r, 0].set_ylabel(label, fontsize=11)
-    fig.suptitle(textwrap.fill(title, int(12 * fig.get_figwidth())), fontsize=10)  # fits a column
+    fig.suptitle(textwrap.fill(title, int(TITLE_CHARACTERS_PER_INCH * fig.get_figwidth())),
+                 fontsize=10)  # a title wider than one column would be cut off
     fig.tight_layout()
     return fig
 
@@ -237,9 +239,10 @@ def image_outputs(image_path, out, force):
     name, suffix = os.path.splitext(os.path.basename(image_path))
     keep = suffix.lower() in (".png",) + data.TIFF_SUFFIXES  # JPEG would lose detail again
     denoised = out or f"{name}_denoised{suffix if keep else '.png'}"
-    if os.path.splitext(denoised)[1].lower() not in data.IMAGE_SUFFIXES:
-        raise train.UsageError(f"--out {denoised}: name an image file ending in "
-                               f"{', '.join(data.IMAGE_SUFFIXES)}")
+    try:
+        data.check_writable(denoised, torch.uint8)  # the bit depth is checked once read
+    except ValueError as e:
+        raise train.UsageError(f"--out {denoised}: {e}") from e
     paths = denoised, f"{os.path.splitext(denoised)[0]}_compare.png"
     for path in paths:
         if os.path.exists(path) and os.path.samefile(path, image_path):
@@ -298,12 +301,12 @@ def parse_args(argv=None):
                       help="draw training loss and test PSNR (--noise none: held-out loss) per "
                            "epoch from the checkpoint")
     what.add_argument("--image", metavar="PATH",
-                      help="denoise this PNG, JPEG or TIFF file (any size, gray or colour, 8 or 16 bits) "
-                           "as it is; the result keeps its channels and bit depth")
+                      help="denoise this PNG, JPEG or TIFF file (any size, gray or colour, 8 or "
+                           "16 bits) as it is; the result keeps its channels and bit depth")
     p.add_argument("--out", default=None,
                    help="output file (default: denoising.png, sweep.png or curves.png here; "
-                        "for --image NAME.png or .tif, NAME_denoised.png or .tif (from a JPEG: .png) and "
-                        "NAME_denoised_compare.png)")
+                        "for --image NAME.png or .tif, NAME_denoised.png or .tif (from a JPEG: "
+                        ".png) and NAME_denoised_compare.png)")
     p.add_argument("--force", action="store_true",
                    help="--image: let the outputs replace existing files (never the input)")
     p.add_argument("--n", type=train.positive_int, default=8, help="number of test images")
@@ -349,19 +352,12 @@ def figure_command(args, net, config):
     """The default figure, or --sweep: the test set under the checkpoint's noise (or --noise)."""
     out = args.out or ("sweep.png" if args.sweep else "denoising.png")
     check_figure_path(out)
-    try:
-        noise = train.resolve_noise(args.noise, args.noise_level, args.noise_std,
-                                    default=train.config_noise(config))
-    except ValueError as e:
-        raise train.UsageError(str(e)) from e
+    noise = figure_noise(config, args.noise, args.noise_level, args.noise_std, sweep=args.sweep)
     for level in args.levels or []:
         try:
             train.check_noise(train.Noise(noise.kind, level))
         except ValueError as e:
             raise train.UsageError(f"--levels: {e}") from e
-    if args.sweep and noise.kind == "none":
-        raise train.UsageError("--sweep scores against clean images, and with --noise none the "
-                               "images are noisy already: name a noise to add with --noise")
     ds = data.load_dataset(config["dataset"], args.data_dir or config["data_dir"],
                            channels=config["channels"], crop=config.get("crop"))
     print(ds.note)
@@ -382,6 +378,29 @@ def figure_command(args, net, config):
     save_figure(draw_comparison(noisy, clean, denoised, title), out, args.show)
     print(f"figure: {out} ({title})")
     return 0
+
+
+def figure_noise(config, kind, level, std, sweep):
+    """The Noise of the figure or sweep: the --noise flags', else the checkpoint's. Raises
+    UsageError where nothing clean exists to show or score: images that are noisy already
+    (--noise none) go with a model that learnt from such images, and are never swept."""
+    try:
+        noise = train.resolve_noise(kind, level, std, default=train.config_noise(config))
+    except ValueError as e:
+        raise train.UsageError(str(e)) from e
+    if "none" not in (noise.kind, config["noise"]):
+        return noise
+    if sweep:
+        raise train.UsageError("--sweep scores against clean images, and --noise none means "
+                               "images that are noisy already, with no clean version")
+    if config["noise"] == "none" and noise.kind != "none":
+        raise train.UsageError("this model learnt from images that are noisy already (--noise "
+                               "none): its figure shows them as they are; drop --noise")
+    if noise.kind == "none" and config["noise"] != "none":
+        raise train.UsageError(f"--noise none is for a model that learnt from images that are "
+                               f"noisy already; this one learnt from clean images with "
+                               f"{config['noise']} noise added: drop --noise")
+    return noise
 
 
 def arch_name(config):
@@ -461,22 +480,24 @@ def image_command(image_path, net, config, out, force, show):
     and an input | denoised figure."""
     out, compare = image_outputs(image_path, out, force)
     pixels = data.read_image(image_path)  # C x H x W: the file's own channels and bit depth
-    bits = 8 if pixels.dtype == torch.uint8 else 16
-    if bits == 16 and out.lower().endswith((".jpg", ".jpeg")):
-        raise train.UsageError(f"--out {out}: JPEG holds 8 bits per channel and {image_path} "
-                               f"has 16; name a .png or .tif file")
+    try:
+        data.check_writable(out, pixels.dtype)  # before the work, not after
+    except ValueError as e:
+        raise train.UsageError(f"--out {out}: {e}") from e
     image = data.to_float(pixels)  # C x H x W in [0, 1]
-    denoised = denoise_planes(net, image, config["channels"], model.size_multiple(config["widths"]))
+    multiple = model.size_multiple(config["widths"])
+    denoised = denoise_planes(net, image, config["channels"], multiple)  # C x H x W
     try:
         data.write_image(out, data.to_pixels(denoised, pixels.dtype))
-    except (OSError, ValueError, KeyError) as e:  # KeyError: Pillow cannot write that format
+    except (OSError, ValueError) as e:
         raise train.UsageError(f"cannot write {out}: {data.one_line(e, 200)}") from e
     noise = train.config_noise(config)
     title = (f"{image_path} ({image.shape[-1]}x{image.shape[-2]}), {arch_name(config)}"
              f"{method_note(config)} trained on {config['dataset']} at noise {noise}")
     save_figure(draw_side_by_side(image, denoised, title), compare, show)
-    kind = "gray" if len(pixels) == 1 else "colour"
-    print(f"denoised: {out} ({bits}-bit {kind}); side by side: {compare}")
+    kind = ("8-bit " if pixels.dtype == torch.uint8 else "16-bit ") + (
+        "gray" if len(pixels) == 1 else "colour")
+    print(f"denoised: {out} ({kind}); side by side: {compare}")
     return 0
 
 
