@@ -382,7 +382,7 @@ def load_folder(folder, channels, crop):
     if len(fits) < 2:
         raise DataError(f"{folder} has {len(fits)} PNG/JPEG/TIFF images of at least {crop}x{crop}"
                         f" pixels (of {len(paths)}); a folder data set needs 2 or more (1 for "
-                        f"testing), or a smaller --crop")
+                        f"testing): a smaller --crop, or cut one large image into tiles")
     order = torch.randperm(len(fits), generator=torch.Generator().manual_seed(FOLDER_SPLIT_SEED))
     n_test = max(1, round(FOLDER_TEST_FRACTION * len(fits)))
     test = torch.stack([to_float(TF.center_crop(fits[i], [crop, crop]))
