@@ -1202,7 +1202,8 @@ def add_shared_flags(parser, checkpoint_default):
                              f"--resume: the resumed file)" if checkpoint_default is None else
                         "the checkpoint to read")
     add_data_dir_flag(parser)
-    meanings = "; ".join(f"{k}: {m} (default {d:g})" for k, (m, d, _) in NOISES.items())
+    meanings = "; ".join(f"{k}: {m} (default {d:g})" for k, (m, d, _) in NOISES.items()
+                         if k != "none")
     parser.add_argument("--noise", choices=NOISES, default=None,
                         help="noise type; none: add nothing, for a --dataset folder of images "
                              "that are noisy already, with --method noise2self or "
@@ -1210,7 +1211,7 @@ def add_shared_flags(parser, checkpoint_default):
     parser.add_argument("--noise-level", type=noise_level, default=None,
                         help=f"noise strength, or a range LO:HI (one level per image, drawn "
                              f"uniformly: blind training). {meanings}. Noisy pixels are "
-                             f"clipped to [0, 1]")
+                             f"clipped to [0, 1], unless training used --clip off")
     parser.add_argument("--noise-std", type=noise_level, default=None,
                         help="the Gaussian spelling: --noise-std S is --noise gaussian "
                              "--noise-level S")
