@@ -150,9 +150,20 @@ def _bad_checkpoints(folder):
         "config-bad-noise": lambda p: _swap_config(p, source=good, noise_level=[0.5, 0.1]),
         "config-bad-history": lambda p: torch.save({**torch.load(good, weights_only=True),
                                                     "history": [{"epoch": "1"}]}, str(p)),
+        "config-dict-history": lambda p: torch.save({**torch.load(good, weights_only=True),
+                                                     "history": {"epoch": 1}}, str(p)),
+        "config-mixed-history": lambda p: torch.save({**torch.load(good, weights_only=True),
+                                                      "history": _MIXED_HISTORY}, str(p)),
+        "config-noise-none-on-mnist": lambda p: _swap_config(p, source=good, noise="none",
+                                                             noise_level=0.0),
         "other-channels": lambda p: (_good_checkpoint(p, channels=3), _swap_config(p, channels=1)),
         "other-widths": lambda p: _swap_config(p, widths=[8, 8], source=good),
     }
+
+
+# one epoch scored by PSNR, the next by a held-out loss: no run writes that
+_MIXED_HISTORY = [{"epoch": 1, "train_loss": 0.1, "test_loss": 0.2},
+                  {"epoch": 2, "train_loss": 0.1, "test_psnr": 20.0}]
 
 
 def _save_image(pixels, path):

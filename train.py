@@ -472,8 +472,8 @@ def check_noise_none(noise, dataset, method):
 def check_history(history):
     """Raise ValueError unless `history` is a list of epoch records (dicts with an int "epoch"
     and numbers for "train_loss" and "test_psnr", or all "test_loss" for --noise none)."""
-    score = "test_loss" if history and isinstance(history[0], dict) and (
-        "test_loss" in history[0]) else "test_psnr"
+    first = history[0] if isinstance(history, list) and history else {}
+    score = "test_loss" if isinstance(first, dict) and "test_loss" in first else "test_psnr"
     if not (isinstance(history, list) and all(
             isinstance(h, dict) and type(h.get("epoch")) is int
             and all(isinstance(h.get(k), (int, float)) for k in ("train_loss", score))
