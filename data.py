@@ -308,14 +308,16 @@ def read_jpeg(path):
 
 
 def read_tiff(path):
-    """A TIFF file's one image, H x W (x C), gray or RGB: tifffile (with imagecodecs'
-    decompressors) reads what microscopes write, where Pillow reads 16-bit colour as 8. Raises
-    DataError for a stack of images, channels on separate planes, or other colour models."""
+    """A TIFF file's one image, H x W (x C), gray or RGB, turned upright as its Orientation tag
+    says: tifffile (with imagecodecs' decompressors) reads what microscopes write, where Pillow
+    reads 16-bit colour as 8. Raises DataError for a stack of images, channels on separate
+    planes, or other colour models."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         series, colours = tif.series[0], tif.pages[0].photometric.name
         array, axes, stacks = series.asarray(), series.axes, len(tif.series)
+        orientation = getattr(tif.pages[0].tags.get(274), "value", 1)  # the Orientation tag
     extra = {a: n for a, n in zip(axes, array.shape) if a not in "YXS" and n > 1}
     if stacks == 1 and list(extra) == ["C"]:
         raise DataError(f"cannot read image {path}: its {extra['C']} channels are separate "
@@ -330,7 +332,17 @@ def read_tiff(path):
     array = array.reshape([n for a, n in zip(axes, array.shape) if a in "YXS"])
     if colours == "MINISWHITE" and array.dtype.kind == "u":  # 0 is white: turn it around
         array = np.iinfo(array.dtype).max - array
-    return np.moveaxis(array, kept.index("S"), -1) if "S" in kept else array  # H x W (x S)
+    array = np.moveaxis(array, kept.index("S"), -1) if "S" in kept else array  # H x W (x S)
+    return upright(array, orientation)
+
+
+def upright(array, orientation):
+    """H x W (x C) pixels turned as a TIFF or EXIF Orientation tag (1 to 8) says, so that they
+    are the image a viewer shows."""
+    if orientation in (5, 6, 7, 8):  # the stored rows are the image's columns
+        array = array.swapaxes(0, 1)
+    flips = {2: (1,), 3: (0, 1), 4: (0,), 6: (1,), 7: (0, 1), 8: (0,)}.get(orientation, ())
+    return np.flip(array, flips) if flips else array
 
 
 def check_writable(path, dtype):

@@ -617,6 +617,19 @@ def test_tiffs_are_read_by_their_colour_model_and_layout():
             data.read_image(path)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_is_turned_upright_as_its_orientation_tag_says(orientation):
+    import tifffile
+    from PIL import Image, ImageOps
+
+    stored = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    tifffile.imwrite("turned.tif", stored, photometric="rgb",
+                     extratags=[(274, 3, 1, orientation, True)])  # 274: Orientation, a SHORT
+    with Image.open("turned.tif") as image:  # what Pillow shows, as viewers do
+        shown = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    assert np.array_equal(data.read_image("turned.tif").permute(1, 2, 0).numpy(), shown)
+
+
 def test_tiff_stacks_float_tiffs_and_16_bit_jpegs_are_refused_in_one_line():
     import tifffile
 
