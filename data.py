@@ -291,11 +291,15 @@ def read_image(path, channels=None):
 
 
 def read_png(path):
-    """A PNG file's pixels, H x W (x C), 8 or 16 bits: Pillow would read 16-bit colour as 8."""
+    """A PNG file's pixels, H x W (x C), 8 or 16 bits (Pillow would read 16-bit colour as 8),
+    turned upright as its EXIF tag, if any, says."""
     import imagecodecs
+    from PIL import Image
 
     with open(path, "rb") as file:
-        return imagecodecs.png_decode(file.read())  # palettes and 1-bit images expanded
+        pixels = imagecodecs.png_decode(file.read())  # palettes and 1-bit images expanded
+    with Image.open(path) as file:  # reads the chunks, not the pixels
+        return upright(pixels, file.getexif().get(274, 1))  # 274: Orientation
 
 
 def read_jpeg(path):

@@ -577,7 +577,7 @@ def test_images_are_written_at_their_bit_depth_and_read_back_exactly(suffix, cha
 
 
 def test_palettes_cmyk_and_exif_rotation_are_read_as_a_viewer_shows_them():
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     colours = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     Image.fromarray(colours).convert("P").save("palette.png")
@@ -587,8 +587,12 @@ def test_palettes_cmyk_and_exif_rotation_are_read_as_a_viewer_shows_them():
     upright = Image.fromarray(colours)
     exif = upright.getexif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
-    upright.save("turned.jpg", exif=exif)
-    assert data.read_image("turned.jpg").shape == (3, 7, 5)
+    for name in ("turned.jpg", "turned.png"):
+        upright.save(name, exif=exif)
+        assert data.read_image(name).shape == (3, 7, 5)
+    with Image.open("turned.png") as image:
+        assert np.array_equal(data.read_image("turned.png").permute(1, 2, 0).numpy(),
+                              np.asarray(ImageOps.exif_transpose(image)))
     Image.fromarray(np.zeros((5, 7, 4), np.uint8), "CMYK").save("print.jpg")
     assert data.read_image("print.jpg").shape == (3, 5, 7)
     Image.fromarray(colours, "RGB").convert("RGBA").save("alpha.png")
