@@ -268,38 +268,38 @@ def read_image(path, channels=None):
         with open(path, "rb") as file:
             head = file.read(4)
         reader = (read_png if head == b"\x89PNG" else read_tiff if head in TIFF_MAGIC
-                  else read_jpeg)  # JPEG, or whatever else Pillow can open
+                  else read_jpeg if head[:3] == b"\xff\xd8\xff" else None)
+        if reader is None:
+            raise DataError(f"cannot read image {path}: not a PNG, JPEG or TIFF file")
         array = reader(path)  # H x W (x C)
     except DataError:
         raise
-    except Exception as e:  # not an image, truncated, unsupported
+    except Exception as e:  # truncated, damaged, unsupported
         raise DataError(f"cannot read image {path}: {one_line(e, 120)}") from e
     if array.dtype not in (np.uint8, np.uint16):
         raise DataError(f"cannot read image {path}: its pixels are {array.dtype}; 8-bit and "
                         f"16-bit images only")
     planes = array[..., None] if array.ndim == 2 else array[..., :1 if array.shape[-1] < 3 else 3]
-    pixels = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1)))  # C x H x W
+    # a copy: C-ordered and writable whatever the reader returned (flipped or read-only views)
+    pixels = torch.from_numpy(np.array(planes.transpose(2, 0, 1), order="C"))  # C x H x W
     pixels = pixels if pixels.dtype == torch.uint8 else pixels.to(torch.int32)
     if channels is None or channels == len(pixels):
         return pixels
     if channels == 3:
         return pixels.expand(3, -1, -1)  # 3 x H x W, a view: a gray folder takes no more memory
-    # Pillow's fixed-point ITU-R 601 luminance: files read as gray as they did through Pillow
+    # Pillow's fixed-point ITU-R 601 luminance, not convert_channels' float one: a folder
+    # converted to gray reads as it did through Pillow, and keeps its recorded fingerprint
     weights = torch.tensor([19595, 38470, 7471]).view(3, 1, 1)  # 65536 x (0.299, 0.587, 0.114)
     gray = (pixels.long().mul(weights).sum(0, keepdim=True) + 0x8000) >> 16  # 1 x H x W
     return gray.to(pixels.dtype)
 
 
 def read_png(path):
-    """A PNG file's pixels, H x W (x C), 8 or 16 bits (Pillow would read 16-bit colour as 8),
-    turned upright as its EXIF tag, if any, says."""
+    """A PNG file's pixels, H x W (x C), 8 or 16 bits: Pillow would read 16-bit colour as 8."""
     import imagecodecs
-    from PIL import Image
 
     with open(path, "rb") as file:
-        pixels = imagecodecs.png_decode(file.read())  # palettes and 1-bit images expanded
-    with Image.open(path) as file:  # reads the chunks, not the pixels
-        return upright(pixels, file.getexif().get(274, 1))  # 274: Orientation
+        return imagecodecs.png_decode(file.read())  # palettes and 1-bit images expanded
 
 
 def read_jpeg(path):
@@ -319,25 +319,37 @@ def read_tiff(path):
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        series, colours = tif.series[0], tif.pages[0].photometric.name
-        array, axes, stacks = series.asarray(), series.axes, len(tif.series)
-        orientation = getattr(tif.pages[0].tags.get(274), "value", 1)  # the Orientation tag
-    extra = {a: n for a, n in zip(axes, array.shape) if a not in "YXS" and n > 1}
+        if not (tif.pages and tif.series):
+            raise DataError(f"cannot read image {path}: it holds no image")
+        series, page = tif.series[0], tif.pages[0]
+        axes, shape, stacks = series.axes, series.shape, len(tif.series)
+        colours = getattr(page.photometric, "name", str(page.photometric))
+        check_tiff_layout(path, axes, shape, stacks, colours, page.compression)
+        array = page.asarray().reshape(page.shaped)  # separate samples, depth, H, W, samples
+        orientation = getattr(page.tags.get(274), "value", 1)  # the Orientation tag
+    array = np.moveaxis(array[:, 0], 0, -1).reshape(array.shape[2], array.shape[3], -1)
+    array = array[..., :3] if colours in ("RGB", "YCBCR") else array[..., :1]  # H x W x C
+    if array.dtype == bool:  # a 1-bit image
+        array = array.astype(np.uint8) * 255
+    if colours == "MINISWHITE" and array.dtype.kind == "u":  # 0 is white: turn it around
+        array = np.iinfo(array.dtype).max - array
+    return upright(array, orientation)
+
+
+def check_tiff_layout(path, axes, shape, stacks, colours, compression):
+    """Raise DataError (one line) unless a TIFF holds one gray or RGB image that read_tiff
+    reads right: no stack, no channels on separate planes, no palette or CMYK."""
+    extra = {a: n for a, n in zip(axes, shape) if a not in "YXS" and n > 1}
     if stacks == 1 and list(extra) == ["C"]:
         raise DataError(f"cannot read image {path}: its {extra['C']} channels are separate "
                         f"planes (axes {axes}); save it as gray or RGB, or one channel per file")
     if stacks > 1 or extra:
         raise DataError(f"cannot read image {path}: it holds a stack of images (axes {axes}, "
-                        f"shape {array.shape}); save the one to use as a file of its own")
-    if colours not in ("MINISBLACK", "MINISWHITE", "RGB"):
+                        f"shape {shape}); save the one to use as a file of its own")
+    jpeg_ycbcr = colours == "YCBCR" and getattr(compression, "name", "") == "JPEG"  # read as RGB
+    if colours not in ("MINISBLACK", "MINISWHITE", "RGB") and not jpeg_ycbcr:
         raise DataError(f"cannot read image {path}: its colours are {colours}; gray and RGB "
                         f"only: save it as RGB")
-    kept = [a for a in axes if a in "YXS"]
-    array = array.reshape([n for a, n in zip(axes, array.shape) if a in "YXS"])
-    if colours == "MINISWHITE" and array.dtype.kind == "u":  # 0 is white: turn it around
-        array = np.iinfo(array.dtype).max - array
-    array = np.moveaxis(array, kept.index("S"), -1) if "S" in kept else array  # H x W (x S)
-    return upright(array, orientation)
 
 
 def upright(array, orientation):
@@ -368,6 +380,9 @@ def write_image(path, pixels):
     from PIL import Image
 
     check_writable(path, pixels.dtype)
+    if pixels.dtype not in (torch.uint8, torch.int32) or pixels.dtype == torch.int32 and (
+            pixels.min() < 0 or pixels.max() > 65535):
+        raise ValueError("pixels must be uint8 (8-bit), or int32 from 0 to 65535 (16-bit)")
     deep = pixels.dtype != torch.uint8
     array = np.ascontiguousarray(pixels.permute(1, 2, 0).squeeze(2).numpy(),
                                  dtype=np.uint16 if deep else np.uint8)  # H x W (x 3)

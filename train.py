@@ -469,11 +469,15 @@ def check_noise_none(noise, dataset, method):
                          f"as they are: use --method noise2self or neighbor2neighbor")
 
 
-def check_history(history):
+def score_key(config):
+    """The history key of a run's score per epoch: "test_psnr", or "test_loss" (the held-out
+    loss) for a run on images that are noisy already (--noise none)."""
+    return "test_loss" if config["noise"] == "none" else "test_psnr"
+
+
+def check_history(history, score="test_psnr"):
     """Raise ValueError unless `history` is a list of epoch records (dicts with an int "epoch"
-    and numbers for "train_loss" and "test_psnr", or all "test_loss" for --noise none)."""
-    first = history[0] if isinstance(history, list) and history else {}
-    score = "test_loss" if isinstance(first, dict) and "test_loss" in first else "test_psnr"
+    and numbers for "train_loss" and `score`, see score_key)."""
     if not (isinstance(history, list) and all(
             isinstance(h, dict) and type(h.get("epoch")) is int
             and all(isinstance(h.get(k), (int, float)) for k in ("train_loss", score))
@@ -496,7 +500,7 @@ def load_checkpoint(path):
         raise model.CheckpointError(f"checkpoint {path} has no {', '.join(missing)} in its config")
     try:
         check_config(config)
-        check_history(checkpoint.get("history", []))
+        check_history(checkpoint.get("history", []), score_key(config))
     except ValueError as e:
         raise model.CheckpointError(f"checkpoint {path} has an unusable config: {e}") from e
     return checkpoint
@@ -1127,6 +1131,8 @@ def resolve_noise(kind, level, std, default=None):
     if std is not None:
         if level is not None:
             raise ValueError("give --noise-level or --noise-std (its Gaussian spelling), not both")
+        if kind == "none":
+            raise ValueError("--noise none adds nothing, so it takes no --noise-std")
         if kind not in (None, "gaussian"):
             raise ValueError(f"--noise-std is the Gaussian level; for --noise {kind} "
                              f"use --noise-level")

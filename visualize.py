@@ -154,17 +154,16 @@ def draw_sweep(rows, kind, title):
     return fig
 
 
-def draw_curves(history, title):
+def draw_curves(history, title, score="test_psnr"):
     """Training loss (log scale) and test PSNR against epoch, from a checkpoint's history (a
-    run with --noise none: its held-out loss instead of PSNR)."""
-    epochs, scored = [h["epoch"] for h in history], "test_psnr" in history[0]
+    run with --noise none: its held-out loss, score "test_loss", instead of PSNR)."""
+    epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     left.plot(epochs, [h["train_loss"] for h in history], "o-")
     left.set_yscale("log")
     left.set_ylabel("training loss (MSE)")
-    right.plot(epochs, [h["test_psnr" if scored else "test_loss"] for h in history], "o-",
-               color="C1")
-    right.set_ylabel("test PSNR (dB)" if scored else "held-out loss (the method's)")
+    right.plot(epochs, [h[score] for h in history], "o-", color="C1")
+    right.set_ylabel("test PSNR (dB)" if score == "test_psnr" else "held-out loss (the method's)")
     for ax in (left, right):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -470,7 +469,7 @@ def curves_command(checkpoint, out, show):
         raise train.UsageError("the checkpoint has no training history")
     title = (f"{arch_name(config)}{method_note(config)} autoencoder, {config['dataset']}, noise "
              f"{train.config_noise(config)}")
-    save_figure(draw_curves(history, title), out, show)
+    save_figure(draw_curves(history, title, train.score_key(config)), out, show)
     print(f"figure: {out} ({len(history)} epochs)")
     return 0
 
