@@ -626,6 +626,11 @@ def test_odd_tiffs_and_one_pixel_images_read_right_or_fail_in_one_line():
     tifffile.imwrite("gray-extra.tif", np.stack([row, row // 2, row // 3], -1)[None],
                      photometric="minisblack", planarconfig="contig", extrasamples=[0, 0])
     tifffile.imwrite("bits.tif", np.array([[True, False, True]]), photometric="minisblack")
+    colour = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    tifffile.imwrite("ycc.tif", colour, photometric="ycbcr", compression="jpeg")
+    with Image.open("ycc.tif") as image:  # JPEG inside a TIFF: read as RGB, as Pillow does
+        assert np.array_equal(data.read_image("ycc.tif").permute(1, 2, 0).numpy(),
+                              np.asarray(image.convert("RGB")))
     assert data.read_image("row.tif").tolist() == [[row.tolist()]]
     assert data.read_image("row-rgb.tif").shape == (3, 1, 5)
     assert data.read_image("gray-extra.tif").tolist() == [[row.tolist()]]  # gray, not RGB
