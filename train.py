@@ -35,6 +35,7 @@ SSIM_WINDOW = 11  # Wang et al. 2004: an 11 x 11 Gaussian window of sigma 1.5
 HELDOUT_DRAWS = 16  # a self-supervised held-out loss is averaged over this many random masks
 LR_SCHEDULES = ("constant", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
+CLIPS = ("on", "off")  # --clip: are noisy pixels clipped to [0, 1]
 
 # ---------------------------------------------------------------- noise
 
@@ -437,16 +438,12 @@ def check_config(config):
     for key, (kind, low, high, meaning) in LIMITS.items():
         if config.get(key) is not None and not within(config[key], kind, low, high):
             raise ValueError(f"--{key.replace('_', '-')} must be {meaning}, got {config[key]!r}")
-    for key, choices in (("method", METHODS), ("clip", ("on", "off"))):
-        if config.get(key) not in choices:
-            raise ValueError(f"--{key} must be one of {', '.join(choices)}, got "
-                             f"{config.get(key)!r}")
-    if config.get("precision", "auto") not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
-                         f"{config.get('precision')!r}")
-    if config.get("lr_schedule") not in LR_SCHEDULES:
-        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got "
-                         f"{config.get('lr_schedule')!r}")
+    for key, choices in (("method", METHODS), ("clip", CLIPS), ("precision", PRECISIONS),
+                         ("lr_schedule", LR_SCHEDULES)):
+        value = config.get(key, RUN_DEFAULTS[key])  # a checkpoint older than the flag: its default
+        if value not in choices:
+            raise ValueError(f"--{key.replace('_', '-')} must be one of {', '.join(choices)}, "
+                             f"got {value!r}")
     crop, multiple = config.get("crop"), model.size_multiple(config["widths"])
     if crop is not None and config["dataset"] != "folder":
         raise ValueError("--crop is for --dataset folder (the other data sets are used whole)")
@@ -1264,7 +1261,7 @@ def parse_args(argv=None):
                         "noise2noise (pairs of noisy images), noise2self or neighbor2neighbor "
                         "(single noisy images): learn from noisy images alone, drawn once from "
                         "--seed (default: supervised)")
-    p.add_argument("--clip", choices=("on", "off"), default=None,
+    p.add_argument("--clip", choices=CLIPS, default=None,
                    help="clip noisy pixels to [0, 1]; the self-supervised methods assume "
                         "zero-mean noise, which clipping breaks near black and white (default: on)")
     p.add_argument("--arch", choices=model.ARCHS, default=None,
