@@ -349,18 +349,27 @@ def fixed_noisy_test_set(clean, noise):
     return add_noise(clean, noise, generator)  # N x C x H x W
 
 
-@torch.inference_mode()
+@contextlib.contextmanager
+def inference(net, device_type, amp):
+    """Eval mode, no autograd and, with `amp`, bfloat16 autocast; the model's mode is restored
+    on the way out (training may go on)."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16,
+                                                    enabled=amp):
+            yield
+    finally:
+        net.train(was_training)
+
+
 def denoise(net, noisy, batch_size=EVAL_BATCH_SIZE, amp=False, multiple=1):
     """Run the model over `noisy` in batches, in eval mode: N x C x H x W -> N x C x H x W
     (float32; `amp`: computed under bfloat16 autocast). Sides that are not multiples of
     `multiple` (what the model's strides need) are padded, and cropped back."""
-    was_training = net.training
-    net.eval()
-    with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = torch.cat([forward_padded(net, chunk, multiple).float()
-                         for chunk in noisy.split(batch_size)])
-    net.train(was_training)
-    return out  # N x C x H x W
+    with inference(net, noisy.device.type, amp):
+        return torch.cat([forward_padded(net, chunk, multiple).float()
+                          for chunk in noisy.split(batch_size)])  # N x C x H x W
 
 
 def evaluate(net, noisy, clean, amp=False):
@@ -369,7 +378,6 @@ def evaluate(net, noisy, clean, amp=False):
     return psnr(restored, clean), ssim(restored, clean)
 
 
-@torch.inference_mode()
 def heldout_loss(net, noisy, loss, amp=False, draws=HELDOUT_DRAWS, batch_size=EVAL_BATCH_SIZE):
     """A self-supervised `loss` on held-out noisy images (N x C x H x W), in eval mode, averaged
     over `draws` of its random choices (which pixels hide) drawn from TEST_NOISE_SEED, so that
@@ -377,13 +385,11 @@ def heldout_loss(net, noisy, loss, amp=False, draws=HELDOUT_DRAWS, batch_size=EV
     noise independent between pixels, its expectation is the masked prediction's error against
     the unseen clean images plus the noise's variance (Batson & Royer 2019)."""
     generator = torch.Generator(device=noisy.device).manual_seed(TEST_NOISE_SEED)
-    was_training, total = net.training, 0.0
-    net.eval()
-    with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=amp):
+    total = 0.0
+    with inference(net, noisy.device.type, amp):
         for _ in range(draws):
             for chunk in noisy.split(batch_size):
                 total += loss(net, chunk, None, generator).item() * len(chunk)
-    net.train(was_training)
     return total / (draws * len(noisy))
 
 
