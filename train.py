@@ -1241,6 +1241,17 @@ def add_batch_size_flag(parser, default=None):
                             f" (default: {RUN_DEFAULTS['batch_size']})" if default is None else ""))
 
 
+def add_model_flags(parser):
+    """Declare --arch and --widths (shared by train.py and benchmarks/speed.py)."""
+    parser.add_argument("--arch", choices=model.ARCHS, default=None,
+                        help="model architecture (default: basic)")
+    parser.add_argument("--widths", type=widths_list, default=None,
+                        help="channels per level, comma-separated; each level halves the image, "
+                             "so MNIST's 28 x 28 takes at most 2 (default: " + "; ".join(
+                                 f"{a} {','.join(map(str, c.default_widths))}"
+                                 for a, c in model.ARCHS.items()) + ")")
+
+
 def parse_args(argv=None):
     """Flags of train.py (the run-defining ones default to None: see RUN_DEFAULTS)."""
     p = argparse.ArgumentParser(description="Train a convolutional denoising autoencoder.",
@@ -1270,13 +1281,7 @@ def parse_args(argv=None):
     p.add_argument("--clip", choices=CLIPS, default=None,
                    help="clip noisy pixels to [0, 1]; the self-supervised methods assume "
                         "zero-mean noise, which clipping breaks near black and white (default: on)")
-    p.add_argument("--arch", choices=model.ARCHS, default=None,
-                   help="model architecture (default: basic)")
-    p.add_argument("--widths", type=widths_list, default=None,
-                   help="channels per level, comma-separated; each level halves the image, so "
-                        "MNIST's 28 x 28 takes at most 2 (default: " + "; ".join(
-                            f"{a} {','.join(map(str, c.default_widths))}"
-                            for a, c in model.ARCHS.items()) + ")")
+    add_model_flags(p)
     p.add_argument("--seed", type=number(*LIMITS["seed"]), default=None,
                    help="seeds the weights, the data order and the noise (default: 0)")
     add_shared_flags(p, checkpoint_default=None)

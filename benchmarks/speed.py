@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py --data-dir ../shared/data      # full MNIST
     python benchmarks/speed.py                                # offline: the bundled sample
+    python benchmarks/speed.py --arch unet --widths 8,16      # another model (default: basic)
 
 (a) tutorial: torchvision.datasets.MNIST(transform=ToTensor()) + DataLoader(batch_size=128,
     shuffle=True) + noise added per batch, model in the default memory format.
@@ -118,8 +119,9 @@ def variant_list(text):
     return names
 
 
-def process_speeds(dataset, data_dir, processes, pairs):
-    """One epoch of `python train.py` as 1 process of `processes` threads (A) against
+def process_speeds(dataset, data_dir, config, processes, pairs):
+    """One epoch of `python train.py --arch A --widths W` (from `config`) as 1 process of
+    `processes` threads (A) against
     `processes` torchrun processes of 1 thread each (B) on `dataset`, alternated `pairs` times
     on the same cores. Yields the training images/s of each (A, B) pair, read from train.py's
     epoch line."""
@@ -128,7 +130,8 @@ def process_speeds(dataset, data_dir, processes, pairs):
                 f"--nproc_per_node={processes}", script]
     with tempfile.TemporaryDirectory(prefix="speed-processes-") as scratch:
         flags = ["--dataset", dataset, "--epochs", "1", "--data-dir", data_dir, "--overwrite",
-                 "--checkpoint", os.path.join(scratch, "run.pt")]
+                 "--checkpoint", os.path.join(scratch, "run.pt"), "--arch", config["arch"],
+                 "--widths", ",".join(map(str, config["widths"]))]
         for _ in range(pairs):
             speeds = []
             for command, threads in (([sys.executable, script], processes), (together, 1)):
@@ -201,6 +204,7 @@ def main(argv=None):
     p.add_argument("--steps", type=train.positive_int, default=150, help="training steps per run")
     # the project's loop; the tutorial's is fixed at 128
     train.add_batch_size_flag(p, default=train.RUN_DEFAULTS["batch_size"])
+    train.add_model_flags(p)  # the model both loops train
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's table for 30 steps of the project's loop")
     p.add_argument("--processes", type=train.positive_int, default=None,
@@ -213,7 +217,9 @@ def main(argv=None):
 
     try:
         ds = data.load_dataset("mnist", args.data_dir or "data")
-    except data.DataError as e:
+        config = model.model_config(args.arch or train.RUN_DEFAULTS["arch"], 1, args.widths)
+        model.check_size(ds.train_x, config["widths"])
+    except (data.DataError, ValueError) as e:
         p.error(str(e))
     print(ds.note)
     steps = min(args.steps, len(ds.train_x) // max(args.batch_size, TUTORIAL_BATCH_SIZE))
@@ -229,12 +235,12 @@ def main(argv=None):
             for prefix, x, y in [("train", ds.train_x, ds.train_y),
                                  ("t10k", ds.test_x, ds.test_y)]:
                 data.write_idx(raw, prefix, (x[:, 0] * 255).round(), y)  # N x 28 x 28 uint8
-        code = measure(ds, root, steps=steps, batch_size=args.batch_size, pairs=args.pairs,
-                       profile=args.profile, variants=args.variants)
+        code = measure(ds, root, config, steps=steps, batch_size=args.batch_size,
+                       pairs=args.pairs, profile=args.profile, variants=args.variants)
     ratios = []
     for pair, (alone, together) in enumerate(
-            process_speeds(ds.name, os.path.abspath(args.data_dir or "data"), args.processes,
-                           args.pairs)
+            process_speeds(ds.name, os.path.abspath(args.data_dir or "data"), config,
+                           args.processes, args.pairs)
             if args.processes else [], 1):
         ratios.append(together / alone)
         print(f"processes, pair {pair}: 1 x {args.processes} threads {alone:8,.0f} img/s   "
@@ -245,10 +251,9 @@ def main(argv=None):
     return code
 
 
-def measure(ds, root, *, steps, batch_size, pairs, profile, variants=(), noise_std=0.5):
-    """The measurements main prints: pairs of runs, evaluation speed, FLOPs, the variants of
-    the project's loop asked for (VARIANTS), a profile."""
-    config = model.model_config()
+def measure(ds, root, config, *, steps, batch_size, pairs, profile, variants=(), noise_std=0.5):
+    """The measurements main prints for the model `config` describes: pairs of runs, evaluation
+    speed, FLOPs, the variants of the project's loop asked for (VARIANTS), a profile."""
     torch.manual_seed(0)
     initial = model.build_model(config).state_dict()
 
