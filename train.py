@@ -232,7 +232,7 @@ def training_images(images, method, noise, seed):
 # ---------------------------------------------------------------- one step, one epoch
 
 
-def train_step(net, optimizer, batch, noise, generator, amp=False, loss=supervised_loss):
+def train_step(net, optimizer, batch, noise, generator, *, amp=False, loss=supervised_loss):
     """One optimizer step: the loss of a batch (clean images for supervised_loss, the default;
     noisy ones for the self-supervised losses), backward, step. Returns the loss (0-dim, not
     synced). `amp`: bfloat16 autocast for the forward pass; loss and weights stay float32."""
@@ -280,7 +280,8 @@ def train_epoch(net, optimizer, images, generator, *, noise, batch_size, schedul
     step, (rank, processes) = done, share
     for step, idx in enumerate(data.batches(order, batch_size, done), done + 1):
         idx = idx[rank::processes]  # B / processes: this process's part (alone: all of it)
-        total += train_step(net, optimizer, images[idx], noise, generator, amp, loss) * len(idx)
+        total += train_step(net, optimizer, images[idx], noise, generator, amp=amp,
+                            loss=loss) * len(idx)
         if scheduler is not None:
             scheduler.step()
         if progress is not None:
@@ -938,8 +939,9 @@ def train_epochs(state, config, *, train_x, test, path, history, position, stop,
                              f"in epoch {epoch} after step {e.position['step']}")
         position, loss = None, all_sum(loss, procs)  # the processes' parts of the mean
         if procs.rank == 0:
-            history = history + [scored_epoch(unwrap(state.net), test, epoch, loss, start,
-                                              len(images), config["precision"])]
+            history = history + [scored_epoch(unwrap(state.net), test, epoch, loss=loss,
+                                              start=start, images=len(images),
+                                              precision=config["precision"])]
         signum, generators = agreed_signal(stop["signal"], procs), all_generators(
             state.generator, procs)
         checkpoint = (make_checkpoint(state, config, history, None, generators)
@@ -956,7 +958,7 @@ def train_epochs(state, config, *, train_x, test, path, history, position, stop,
     return finish(path, history, test) if procs.rank == 0 else 0
 
 
-def scored_epoch(net, test, epoch, loss, start, images, precision):
+def scored_epoch(net, test, epoch, *, loss, start, images, precision):
     """Score the model after an epoch and print the epoch's line; returns its history record."""
     seconds, amp = time.perf_counter() - start, precision == "bf16"  # training alone: img/s
     if test.clean is None:  # --noise none

@@ -57,7 +57,8 @@ def tutorial_run(net, root, steps, noise_std, seed):
     return seen / (time.perf_counter() - start)
 
 
-def project_run(net, images, steps, batch_size, noise_std, seed, fused=False, amp=False):
+def project_run(net, images, steps, batch_size, noise_std, *, seed, fused=False,
+                amp=False):
     """Train `steps` batches with this project's loop; returns images per second. `fused` uses
     Adam's fused kernel (a variant; train.py uses the default); `amp`: bfloat16 autocast."""
     net = net.to(memory_format=torch.channels_last)
