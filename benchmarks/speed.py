@@ -121,11 +121,10 @@ def variant_list(text):
 
 
 def process_speeds(dataset, data_dir, config, processes, pairs):
-    """One epoch of `python train.py --arch A --widths W` (from `config`) as 1 process of
-    `processes` threads (A) against
-    `processes` torchrun processes of 1 thread each (B) on `dataset`, alternated `pairs` times
-    on the same cores. Yields the training images/s of each (A, B) pair, read from train.py's
-    epoch line."""
+    """One epoch of `python train.py` with the model `config` describes, as 1 process of
+    `processes` threads (A) against `processes` torchrun processes of 1 thread each (B) on
+    `dataset`, alternated `pairs` times on the same cores. Yields the training images/s of
+    each (A, B) pair, read from train.py's epoch line."""
     script = os.path.join(ROOT, "train.py")
     together = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={processes}", script]
