@@ -416,9 +416,9 @@ def model_name(config):
 
 
 def method_note(config):
-    """' noise2self' for a model trained without clean images, '' for a supervised one."""
-    method = config.get("method", "supervised")
-    return "" if method == "supervised" else f" {method}"
+    """' noise2self' for a model trained without clean images, '' for a supervised one (a
+    config from train.load_checkpoint, which fills in the method of older checkpoints)."""
+    return "" if config["method"] == "supervised" else f" {config['method']}"
 
 
 def load_others(paths, config, size):
