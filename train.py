@@ -866,13 +866,36 @@ def setup(config, net, ds, procs):
     # rank 0 draws what a lone process draws; the others' streams start far from any --seed's
     stream = config["seed"] + (procs.rank << 32)
     generator = torch.Generator(device=procs.device).manual_seed(stream)
+    check_batches(images, batch_size, procs.world, deepest_pixels(config))
     if procs.world > 1:
-        if min(batch_size, images % batch_size or batch_size) < procs.world:
-            raise UsageError(f"--batch-size {batch_size} leaves a batch of fewer images than the "
-                             f"{procs.world} processes ({images} per epoch); choose another")
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
     return TrainState(net, optimizer, scheduler, generator), train_x
+
+
+def deepest_pixels(config):
+    """Pixels per channel at the model's smallest level for one training image: H x W over
+    4 ** levels (neighbor2neighbor trains on half-size images, padded up to what fits)."""
+    sides = [config["crop"]] * 2 if config.get("crop") else config["image_size"]
+    if config["method"] == "neighbor2neighbor":
+        sides = [side // 2 for side in sides]
+    multiple = model.size_multiple(config["widths"])
+    return math.prod(-(-side // multiple) for side in sides)  # ceil: padded up
+
+
+def check_batches(images, batch_size, processes, pixels):
+    """Raise UsageError unless every process's part of every batch (the last may be smaller)
+    holds an image, and more than one value per channel at the smallest level (`pixels` per
+    image), which BatchNorm needs to train."""
+    smallest = min(batch_size, images % batch_size or batch_size) // processes
+    if smallest == 0:
+        raise UsageError(f"--batch-size {batch_size} leaves a batch of fewer images than the "
+                         f"{processes} processes ({images} per epoch); choose another")
+    if smallest * pixels < 2:
+        raise UsageError(f"--batch-size {batch_size} leaves a batch of one image ({images} per "
+                         f"epoch), which the model's smallest level shrinks to one pixel: "
+                         f"BatchNorm needs more; choose another --batch-size, a larger --crop "
+                         f"or fewer --widths")
 
 
 class TestSet(NamedTuple):

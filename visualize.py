@@ -287,6 +287,19 @@ def levels_list(text):
     return [train.nonnegative_float(part) for part in text.split(",")]
 
 
+# flags that only some commands read, (flag, its dest, those commands); any other flag is read
+# by all. Given to another command, such a flag is refused rather than ignored without a word.
+COMMAND_FLAGS = (("--levels", "levels", ("--sweep",)),
+                 ("--max-images", "max_images", ("--sweep",)),
+                 ("--with", "others", ("--sweep",)),
+                 ("--force", "force", ("--image",)),
+                 ("--n", "n", ("the default figure",)),
+                 ("--seed", "seed", ("the default figure",)),
+                 *((flag, dest, ("the default figure", "--sweep")) for flag, dest in (
+                     ("--noise", "noise"), ("--noise-level", "noise_level"),
+                     ("--noise-std", "noise_std"), ("--data-dir", "data_dir"))))
+
+
 def parse_args(argv=None):
     """Flags of visualize.py."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -308,9 +321,10 @@ def parse_args(argv=None):
                         ".png) and NAME_denoised_compare.png)")
     p.add_argument("--force", action="store_true",
                    help="--image: let the outputs replace existing files (never the input)")
-    p.add_argument("--n", type=train.positive_int, default=8, help="number of test images")
+    p.add_argument("--n", type=train.positive_int, default=8,
+                   help="the default figure: number of test images")
     p.add_argument("--seed", type=train.number(*train.LIMITS["seed"]), default=0,
-                   help="picks which test images are shown")
+                   help="the default figure: picks which test images are shown")
     p.add_argument("--levels", type=levels_list, default=None,
                    help="--sweep: noise levels, comma-separated (default per noise type: "
                         + "; ".join(f"{k} {','.join(f'{v:g}' for v in lv)}"
@@ -321,7 +335,13 @@ def parse_args(argv=None):
                    help="--sweep: more checkpoints of the same data set to score beside "
                         "--checkpoint's model")
     p.add_argument("--show", action="store_true", help="also open the figure in a window")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    command = ("--image" if args.image else "--curves" if args.curves
+               else "--sweep" if args.sweep else "the default figure")
+    for flag, dest, commands in COMMAND_FLAGS:
+        if getattr(args, dest) != p.get_default(dest) and command not in commands:
+            p.error(f"{flag} is for {' and '.join(commands)}, not {command}")
+    return args
 
 
 def main(argv=None):

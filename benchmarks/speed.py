@@ -120,8 +120,9 @@ def variant_list(text):
     return names
 
 
-def process_speeds(dataset, data_dir, config, processes, pairs):
-    """One epoch of `python train.py` with the model `config` describes, as 1 process of
+def process_speeds(dataset, data_dir, config, batch_size, processes, pairs):
+    """One epoch of `python train.py` with the model `config` describes and `batch_size`
+    images per step (the global batch under torchrun), as 1 process of
     `processes` threads (A) against `processes` torchrun processes of 1 thread each (B) on
     `dataset`, alternated `pairs` times on the same cores. Yields the training images/s of
     each (A, B) pair, read from train.py's epoch line."""
@@ -130,7 +131,8 @@ def process_speeds(dataset, data_dir, config, processes, pairs):
                 f"--nproc_per_node={processes}", script]
     with tempfile.TemporaryDirectory(prefix="speed-processes-") as scratch:
         flags = ["--dataset", dataset, "--epochs", "1", "--data-dir", data_dir, "--overwrite",
-                 "--checkpoint", os.path.join(scratch, "run.pt"), "--arch", config["arch"],
+                 "--checkpoint", os.path.join(scratch, "run.pt"), "--batch-size",
+                 str(batch_size), "--arch", config["arch"],
                  "--widths", ",".join(map(str, config["widths"]))]
         for _ in range(pairs):
             speeds = []
@@ -240,7 +242,7 @@ def main(argv=None):
     ratios = []
     for pair, (alone, together) in enumerate(
             process_speeds(ds.name, os.path.abspath(args.data_dir or "data"), config,
-                           args.processes, args.pairs)
+                           args.batch_size, args.processes, args.pairs)
             if args.processes else [], 1):
         ratios.append(together / alone)
         print(f"processes, pair {pair}: 1 x {args.processes} threads {alone:8,.0f} img/s   "
