@@ -951,9 +951,10 @@ def test_visualize_refuses_flags_its_command_would_ignore(capsys):
             (["--levels", "0.1", "--max-images", "5"], "--levels is for --sweep"),
             (["--curves", "--n", "3"], "--n is for the default figure, not --curves"),
             (["--sweep", "--seed", "3"], "--seed is for the default figure, not --sweep"),
+            (["--sweep", "--noise-level", "0.1"], "--noise-level is for the default figure"),
             (["--force"], "--force is for --image, not the default figure"),
             (["--image", "a.png", "--noise-std", "0.3"],
-             "--noise-std is for the default figure and --sweep, not --image"),
+             "--noise-std is for the default figure, not --image"),
             (["--curves", "--data-dir", "d"], "--data-dir is for the default figure and --sweep")]:
         exits_2(visualize.main, argv, capsys, message)
 
@@ -980,7 +981,7 @@ def test_a_batch_batchnorm_cannot_train_on_is_refused_before_training(tmp_path, 
     for flags in (["--crop", "16", "--widths", "4,4,4,4"],  # 16 x 16 -> 1 x 1
                   ["--crop", "32", "--widths", "4,4,4,4", "--method", "neighbor2neighbor"]):
         exits_2(train.main, folder + flags + ["--batch-size", "1"], capsys,
-                "--batch-size 1 leaves a batch of one image", "BatchNorm needs more")
+                "--batch-size 1 leaves BatchNorm a batch of one image", "one pixel")
     assert not os.path.exists("x.pt")
     with pytest.raises(train.UsageError, match="a batch of one image"):  # the epoch's last
         train.check_batches(2049, 128, 1, 1)
@@ -988,6 +989,9 @@ def test_a_batch_batchnorm_cannot_train_on_is_refused_before_training(tmp_path, 
     train.check_batches(2048, 128, 1, 1)  # 128 images: enough
     with pytest.raises(train.UsageError, match="fewer images than the 2 processes"):
         train.check_batches(2049, 128, 2, 49)
+    with pytest.raises(train.UsageError, match="one image .2050 per epoch, split between 2"):
+        train.check_batches(2050, 128, 2, 1)  # each process's BatchNorm: 1 value
+    train.check_batches(2050, 128, 2, 1, synced=True)  # SyncBatchNorm (CUDA): 2 values
     sample = {"crop": None, "image_size": [28, 28], "method": "supervised", "widths": [32, 64]}
     assert train.deepest_pixels(sample) == 49
     assert train.deepest_pixels({**sample, "method": "neighbor2neighbor"}) == 16  # 14 -> 4 x 4
@@ -2098,6 +2102,10 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         speed.main(["--variants", "fused-adam,turbo"])
     assert e.value.code == 2 and "unknown turbo" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # torchrun's batches are checked before measuring
+        speed.main(["--data-dir", str(tmp_path), "--processes", "2", "--batch-size", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "fewer images than the 2 processes" in err[-1]
     with pytest.raises(SystemExit) as e:  # three halvings do not fit 28 x 28
         speed.main(["--data-dir", str(tmp_path), "--widths", "8,16,32"])
     err = capsys.readouterr().err.strip().splitlines()

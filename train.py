@@ -855,7 +855,8 @@ def setup(config, net, ds, procs):
     torch.manual_seed(config["seed"])  # seeds CUDA too
     net = model.build_model(config) if net is None else net
     net = net.to(procs.device).to(memory_format=torch.channels_last)  # oneDNN's fast kernels
-    if procs.world > 1 and procs.device.type == "cuda":  # BatchNorm over the whole batch
+    synced = procs.world > 1 and procs.device.type == "cuda"  # BatchNorm over the whole batch
+    if synced:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # (gloo cannot: CPU)
     train_x = training_images(ds.train_x, config["method"], config_noise(config), config["seed"])
     train_x = train_x.to(procs.device) if isinstance(train_x, torch.Tensor) else train_x
@@ -866,7 +867,7 @@ def setup(config, net, ds, procs):
     # rank 0 draws what a lone process draws; the others' streams start far from any --seed's
     stream = config["seed"] + (procs.rank << 32)
     generator = torch.Generator(device=procs.device).manual_seed(stream)
-    check_batches(images, batch_size, procs.world, deepest_pixels(config))
+    check_batches(images, batch_size, procs.world, deepest_pixels(config), synced)
     if procs.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
@@ -883,19 +884,21 @@ def deepest_pixels(config):
     return math.prod(-(-side // multiple) for side in sides)  # ceil: padded up
 
 
-def check_batches(images, batch_size, processes, pixels):
+def check_batches(images, batch_size, processes, pixels, synced=False):
     """Raise UsageError unless every process's part of every batch (the last may be smaller)
-    holds an image, and more than one value per channel at the smallest level (`pixels` per
-    image), which BatchNorm needs to train."""
-    smallest = min(batch_size, images % batch_size or batch_size) // processes
-    if smallest == 0:
+    holds an image, and each BatchNorm sees more than one value per channel at the smallest
+    level (`pixels` per image), which it needs to train. `synced`: SyncBatchNorm, whose
+    statistics span the whole batch rather than one process's part."""
+    smallest = min(batch_size, images % batch_size or batch_size)
+    if smallest < processes:
         raise UsageError(f"--batch-size {batch_size} leaves a batch of fewer images than the "
                          f"{processes} processes ({images} per epoch); choose another")
-    if smallest * pixels < 2:
-        raise UsageError(f"--batch-size {batch_size} leaves a batch of one image ({images} per "
-                         f"epoch), which the model's smallest level shrinks to one pixel: "
-                         f"BatchNorm needs more; choose another --batch-size, a larger --crop "
-                         f"or fewer --widths")
+    if (smallest if synced else smallest // processes) * pixels < 2:
+        split = f", split between {processes} processes" if processes > 1 else ""
+        raise UsageError(f"--batch-size {batch_size} leaves BatchNorm a batch of one image "
+                         f"({images} per epoch{split}), which the model's smallest level shrinks "
+                         f"to one pixel; choose another --batch-size, a larger --crop or fewer "
+                         f"--widths")
 
 
 class TestSet(NamedTuple):

@@ -295,9 +295,10 @@ COMMAND_FLAGS = (("--levels", "levels", ("--sweep",)),
                  ("--force", "force", ("--image",)),
                  ("--n", "n", ("the default figure",)),
                  ("--seed", "seed", ("the default figure",)),
-                 *((flag, dest, ("the default figure", "--sweep")) for flag, dest in (
-                     ("--noise", "noise"), ("--noise-level", "noise_level"),
-                     ("--noise-std", "noise_std"), ("--data-dir", "data_dir"))))
+                 ("--noise-level", "noise_level", ("the default figure",)),  # --sweep: --levels
+                 ("--noise-std", "noise_std", ("the default figure",)),
+                 ("--noise", "noise", ("the default figure", "--sweep")),
+                 ("--data-dir", "data_dir", ("the default figure", "--sweep")))
 
 
 def parse_args(argv=None):

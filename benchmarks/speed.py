@@ -140,8 +140,10 @@ def process_speeds(dataset, data_dir, config, batch_size, processes, pairs):
                 run = subprocess.run(command + flags, capture_output=True, text=True, cwd=scratch,
                                      env={**os.environ, "OMP_NUM_THREADS": str(threads)})
                 found = re.search(r"([\d,]+) img/s", run.stdout)
-                if run.returncode or not found:
-                    raise RuntimeError(f"{' '.join(command)} failed: {run.stderr.strip()[-300:]}")
+                if run.returncode or not found:  # train.py's own error line, if it wrote one
+                    why = [line for line in run.stderr.splitlines() if "train.py: error:" in line]
+                    raise RuntimeError(f"{' '.join(command)} failed: "
+                                       f"{(why or [run.stderr.strip()[-300:]])[0]}")
                 speeds.append(float(found.group(1).replace(",", "")))
             yield tuple(speeds)
 
@@ -221,7 +223,11 @@ def main(argv=None):
         ds = data.load_dataset("mnist", args.data_dir or "data")
         config = model.model_config(args.arch or train.RUN_DEFAULTS["arch"], 1, args.widths)
         model.check_size(ds.train_x, config["widths"])
-    except (data.DataError, ValueError) as e:
+        if args.processes:  # the torchrun runs' batches, before anything is measured
+            pixels = train.deepest_pixels({"crop": None, "image_size": ds.train_x.shape[2:],
+                                           "method": "supervised", "widths": config["widths"]})
+            train.check_batches(len(ds.train_x), args.batch_size, args.processes, pixels)
+    except (data.DataError, ValueError, train.UsageError) as e:
         p.error(str(e))
     print(ds.note)
     steps = min(args.steps, len(ds.train_x) // max(args.batch_size, TUTORIAL_BATCH_SIZE))
