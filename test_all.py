@@ -992,9 +992,8 @@ def test_a_batch_batchnorm_cannot_train_on_is_refused_before_training(tmp_path, 
     with pytest.raises(train.UsageError, match="one image .2050 per epoch, split between 2"):
         train.check_batches(2050, 128, 2, 1)  # each process's BatchNorm: 1 value
     train.check_batches(2050, 128, 2, 1, synced=True)  # SyncBatchNorm (CUDA): 2 values
-    sample = {"crop": None, "image_size": [28, 28], "method": "supervised", "widths": [32, 64]}
-    assert train.deepest_pixels(sample) == 49
-    assert train.deepest_pixels({**sample, "method": "neighbor2neighbor"}) == 16  # 14 -> 4 x 4
+    assert train.deepest_pixels([28, 28], [32, 64], "supervised") == 49
+    assert train.deepest_pixels([28, 28], [32, 64], "neighbor2neighbor") == 16  # 14 -> 4 x 4
 
 
 def test_two_epochs_on_the_sample_learn_to_denoise(sample):

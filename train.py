@@ -867,20 +867,22 @@ def setup(config, net, ds, procs):
     # rank 0 draws what a lone process draws; the others' streams start far from any --seed's
     stream = config["seed"] + (procs.rank << 32)
     generator = torch.Generator(device=procs.device).manual_seed(stream)
-    check_batches(images, batch_size, procs.world, deepest_pixels(config), synced)
+    sides = [config["crop"]] * 2 if config.get("crop") else config["image_size"]  # training's
+    check_batches(images, batch_size, procs.world,
+                  deepest_pixels(sides, config["widths"], config["method"]), synced)
     if procs.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
     return TrainState(net, optimizer, scheduler, generator), train_x
 
 
-def deepest_pixels(config):
-    """Pixels per channel at the model's smallest level for one training image: H x W over
-    4 ** levels (neighbor2neighbor trains on half-size images, padded up to what fits)."""
-    sides = [config["crop"]] * 2 if config.get("crop") else config["image_size"]
-    if config["method"] == "neighbor2neighbor":
+def deepest_pixels(sides, widths, method):
+    """Pixels per channel at the smallest level of a model of `widths` for one training image
+    of `sides` (H, W): H x W over 4 ** levels (neighbor2neighbor trains on half-size images,
+    padded up to what fits)."""
+    if method == "neighbor2neighbor":
         sides = [side // 2 for side in sides]
-    multiple = model.size_multiple(config["widths"])
+    multiple = model.size_multiple(widths)
     return math.prod(-(-side // multiple) for side in sides)  # ceil: padded up
 
 

@@ -224,8 +224,7 @@ def main(argv=None):
         config = model.model_config(args.arch or train.RUN_DEFAULTS["arch"], 1, args.widths)
         model.check_size(ds.train_x, config["widths"])
         if args.processes:  # the torchrun runs' batches, before anything is measured
-            pixels = train.deepest_pixels({"crop": None, "image_size": ds.train_x.shape[2:],
-                                           "method": "supervised", "widths": config["widths"]})
+            pixels = train.deepest_pixels(ds.train_x.shape[2:], config["widths"], "supervised")
             train.check_batches(len(ds.train_x), args.batch_size, args.processes, pixels)
     except (data.DataError, ValueError, train.UsageError) as e:
         p.error(str(e))
