@@ -2083,7 +2083,7 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(speed.subprocess, "run", run)
     assert speed.main(["--data-dir", str(tmp_path), "--steps", "2", "--pairs", "1",
                        "--variants", "fused-adam,batch-256", "--processes", "2",
-                       "--arch", "unet", "--widths", "8,16"]) == 0
+                       "--arch", "unet", "--widths", "8,16", "--kernels"]) == 0
     assert [c[1:5] for c in launched] == [
         [speed.os.path.join(speed.ROOT, "train.py"), "--dataset", "mnist-sample", "--epochs"],
         ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]]
@@ -2098,6 +2098,9 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     assert "variant bf16:" in out and "bfloat16" in out  # always: fp32 against bf16
     assert "x the project's float32 loop (median of 1 pairs)" in out
     assert "1 x 2 threads" in out and "median ratio (2 processes / 1)" in out  # torchrun
+    assert "convolutions (8 layers)" in out  # unet 8/16: 2 x 2 down, 1 up, 2 merging, the head
+    assert all(re.search(rf"{part} +float32 +[\d.]+ ms +bfloat16 +[\d.]+ ms", out)
+               for part in ("forward", "input gradient", "weight gradient"))
     with pytest.raises(SystemExit) as e:
         speed.main(["--variants", "fused-adam,turbo"])
     assert e.value.code == 2 and "unknown turbo" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Training speed: the tutorial pipeline against this project's loop, measured in one run.
 
-    python benchmarks/speed.py --data-dir ../shared/data      # full MNIST
+    python benchmarks/speed.py --data-dir data                # full MNIST in data/MNIST/raw
     python benchmarks/speed.py                                # offline: the bundled sample
     python benchmarks/speed.py --arch unet --widths 8,16      # another model (default: basic)
 
@@ -12,6 +12,8 @@ alternating A, B, A, B, ...; the ratio of each pair is printed, then the median.
 """
 
 import argparse
+import collections
+import copy
 import os
 import re
 import statistics
@@ -181,6 +183,49 @@ def matmul_flops_per_second(n=1024, repeats=20):
     return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
+KERNEL_PARTS = ("forward", "input gradient", "weight gradient")
+
+
+def convolution_inputs(net, shape, batch_size):
+    """Each convolution of `net` (channels-last), with the input it sees in a forward pass of a
+    random batch of `batch_size` images of `shape` (C, H, W)."""
+    inputs = {}
+
+    def keep(conv, args):  # returns None: the input goes on unchanged
+        inputs[conv] = args[0].detach()
+
+    hooks = [m.register_forward_pre_hook(keep) for m in net.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    with torch.no_grad():
+        net(torch.rand(batch_size, *shape).to(memory_format=torch.channels_last))  # B x C x H x W
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
+def kernel_times(inputs, repeats=20):
+    """Seconds that one training step spends in the convolutions of `inputs` (from
+    convolution_inputs), by part (KERNEL_PARTS) and dtype, summed over the layers, each layer
+    timed in float32 and then in bfloat16 (the dtype autocast gives it): {(dtype, part): s}."""
+    times = collections.Counter()
+    for conv, x in inputs.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            layer = copy.deepcopy(conv).to(dtype)
+            given = x.to(dtype).clone().requires_grad_()  # B x C x H x W
+            y = layer(given)
+            grad = torch.randn_like(y)  # each grad call computes only the gradient it asks for
+            for part, run in zip(KERNEL_PARTS, (
+                    lambda: layer(given),
+                    lambda: torch.autograd.grad(y, given, grad, retain_graph=True),
+                    lambda: torch.autograd.grad(y, layer.weight, grad, retain_graph=True))):
+                run()  # warm-up: oneDNN builds its kernel on the first call
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    run()
+                times[dtype, part] += (time.perf_counter() - start) / repeats
+    return times
+
+
 def profile_steps(net, images, steps, batch_size, noise_std, rows=12):
     """torch.profiler's table of where `steps` training steps of the project's loop spend their
     CPU time, by operator and input shape."""
@@ -211,6 +256,9 @@ def main(argv=None):
     train.add_model_flags(p)  # the model both loops train
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's table for 30 steps of the project's loop")
+    p.add_argument("--kernels", action="store_true",
+                   help="also time the model's convolutions, forward pass, input gradient and "
+                        "weight gradient apart, in float32 against bfloat16")
     p.add_argument("--processes", type=train.positive_int, default=None,
                    help="also time one epoch of train.py as 1 process of N threads against N "
                         "torchrun processes of 1 thread")
@@ -243,7 +291,8 @@ def main(argv=None):
                                  ("t10k", ds.test_x, ds.test_y)]:
                 data.write_idx(raw, prefix, (x[:, 0] * 255).round(), y)  # N x 28 x 28 uint8
         code = measure(ds, root, config, steps=steps, batch_size=args.batch_size,
-                       pairs=args.pairs, profile=args.profile, variants=args.variants)
+                       pairs=args.pairs, profile=args.profile, variants=args.variants,
+                       kernels=args.kernels)
     ratios = []
     for pair, (alone, together) in enumerate(
             process_speeds(ds.name, os.path.abspath(args.data_dir or "data"), config,
@@ -258,9 +307,11 @@ def main(argv=None):
     return code
 
 
-def measure(ds, root, config, *, steps, batch_size, pairs, profile, variants=(), noise_std=0.5):
+def measure(ds, root, config, *, steps, batch_size, pairs, profile, variants=(), kernels=False,
+            noise_std=0.5):
     """The measurements main prints for the model `config` describes: pairs of runs, evaluation
-    speed, FLOPs, the variants of the project's loop asked for (VARIANTS), a profile."""
+    speed, FLOPs, the variants of the project's loop asked for (VARIANTS), the convolutions'
+    parts in float32 and bfloat16, a profile."""
     torch.manual_seed(0)
     initial = model.build_model(config).state_dict()
 
@@ -302,9 +353,26 @@ def measure(ds, root, config, *, steps, batch_size, pairs, profile, variants=(),
                                                        pairs):
             print(f"variant {name}: {speed:,.0f} img/s, {ratio:.2f}x the project's float32 loop "
                   f"(median of {pairs} pairs){note}", flush=True)
+    if kernels:
+        say_kernel_times(convolution_inputs(fresh().to(memory_format=torch.channels_last),
+                                            tuple(ds.train_x.shape[1:]), batch_size), pairs)
     if profile:
         print(profile_steps(fresh(), ds.train_x, 30, batch_size, noise_std))
     return 0
+
+
+def say_kernel_times(inputs, rounds):
+    """Print the time per step of the convolutions' parts in float32 and bfloat16, the median
+    of `rounds` rounds of kernel_times, and bfloat16's speed relative to float32."""
+    runs = [kernel_times(inputs) for _ in range(rounds)]
+    print(f"convolutions ({len(inputs)} layers), per training step, median of {rounds} rounds:")
+    for part in KERNEL_PARTS:
+        fp32, bf16 = (statistics.median(run[dtype, part] for run in runs)
+                      for dtype in (torch.float32, torch.bfloat16))
+        ratio = statistics.median(run[torch.float32, part] / run[torch.bfloat16, part]
+                                  for run in runs)
+        print(f"  {part:15s}  float32 {fp32 * 1e3:6.2f} ms  bfloat16 {bf16 * 1e3:6.2f} ms  "
+              f"bfloat16 runs at {ratio:.2f}x float32's speed", flush=True)
 
 
 if __name__ == "__main__":
