@@ -150,6 +150,17 @@ def process_speeds(dataset, data_dir, config, batch_size, processes, pairs):
             yield tuple(speeds)
 
 
+def say_process_speeds(pairs, processes):
+    """Print each (1 process, `processes` processes) pair of images/s, its ratio, the median."""
+    ratios = []
+    for pair, (alone, together) in enumerate(pairs, 1):
+        ratios.append(together / alone)
+        print(f"processes, pair {pair}: 1 x {processes} threads {alone:8,.0f} img/s   "
+              f"{processes} x 1 thread {together:8,.0f} img/s   "
+              f"ratio {ratios[-1]:.2f}x", flush=True)
+    print(f"median ratio ({processes} processes / 1): {statistics.median(ratios):.2f}x")
+
+
 def evaluation_speed(net, clean, noise_std, amp=False):
     """How fast train.py scores the test set after every epoch: (images per second of
     denoising it, seconds of the whole evaluation: denoise, then PSNR and SSIM)."""
@@ -226,6 +237,20 @@ def kernel_times(inputs, repeats=20):
     return times
 
 
+def say_kernel_times(inputs, rounds):
+    """Print the time per step of the convolutions' parts in float32 and bfloat16, the median
+    of `rounds` rounds of kernel_times, and bfloat16's speed relative to float32."""
+    runs = [kernel_times(inputs) for _ in range(rounds)]
+    print(f"convolutions ({len(inputs)} layers), per training step, median of {rounds} rounds:")
+    for part in KERNEL_PARTS:
+        fp32, bf16 = (statistics.median(run[dtype, part] for run in runs)
+                      for dtype in (torch.float32, torch.bfloat16))
+        ratio = statistics.median(run[torch.float32, part] / run[torch.bfloat16, part]
+                                  for run in runs)
+        print(f"  {part:15s}  float32 {fp32 * 1e3:6.2f} ms  bfloat16 {bf16 * 1e3:6.2f} ms  "
+              f"bfloat16 runs at {ratio:.2f}x float32's speed", flush=True)
+
+
 def profile_steps(net, images, steps, batch_size, noise_std, rows=12):
     """torch.profiler's table of where `steps` training steps of the project's loop spend their
     CPU time, by operator and input shape."""
@@ -293,17 +318,10 @@ def main(argv=None):
         code = measure(ds, root, config, steps=steps, batch_size=args.batch_size,
                        pairs=args.pairs, profile=args.profile, variants=args.variants,
                        kernels=args.kernels)
-    ratios = []
-    for pair, (alone, together) in enumerate(
-            process_speeds(ds.name, os.path.abspath(args.data_dir or "data"), config,
-                           args.batch_size, args.processes, args.pairs)
-            if args.processes else [], 1):
-        ratios.append(together / alone)
-        print(f"processes, pair {pair}: 1 x {args.processes} threads {alone:8,.0f} img/s   "
-              f"{args.processes} x 1 thread {together:8,.0f} img/s   "
-              f"ratio {ratios[-1]:.2f}x", flush=True)
-    if ratios:
-        print(f"median ratio ({args.processes} processes / 1): {statistics.median(ratios):.2f}x")
+    if args.processes:
+        say_process_speeds(process_speeds(ds.name, os.path.abspath(args.data_dir or "data"),
+                                          config, args.batch_size, args.processes, args.pairs),
+                           args.processes)
     return code
 
 
@@ -359,20 +377,6 @@ def measure(ds, root, config, *, steps, batch_size, pairs, profile, variants=(),
     if profile:
         print(profile_steps(fresh(), ds.train_x, 30, batch_size, noise_std))
     return 0
-
-
-def say_kernel_times(inputs, rounds):
-    """Print the time per step of the convolutions' parts in float32 and bfloat16, the median
-    of `rounds` rounds of kernel_times, and bfloat16's speed relative to float32."""
-    runs = [kernel_times(inputs) for _ in range(rounds)]
-    print(f"convolutions ({len(inputs)} layers), per training step, median of {rounds} rounds:")
-    for part in KERNEL_PARTS:
-        fp32, bf16 = (statistics.median(run[dtype, part] for run in runs)
-                      for dtype in (torch.float32, torch.bfloat16))
-        ratio = statistics.median(run[torch.float32, part] / run[torch.bfloat16, part]
-                                  for run in runs)
-        print(f"  {part:15s}  float32 {fp32 * 1e3:6.2f} ms  bfloat16 {bf16 * 1e3:6.2f} ms  "
-              f"bfloat16 runs at {ratio:.2f}x float32's speed", flush=True)
 
 
 if __name__ == "__main__":
