@@ -198,17 +198,18 @@ KERNEL_PARTS = ("forward", "input gradient", "weight gradient")
 
 
 def convolution_inputs(net, shape, batch_size):
-    """Each convolution of `net` (channels-last), with the input it sees in a forward pass of a
-    random batch of `batch_size` images of `shape` (C, H, W)."""
+    """Each convolution of `net` (channels-last) with the input it sees in a training forward
+    pass of a random batch of `batch_size` images of `shape` (C, H, W), and whether training
+    computes that input's gradient (not for the first layer, whose input is the data)."""
     inputs = {}
 
     def keep(conv, args):  # returns None: the input goes on unchanged
-        inputs[conv] = args[0].detach()
+        inputs[conv] = args[0].detach(), args[0].requires_grad
 
     hooks = [m.register_forward_pre_hook(keep) for m in net.modules()
              if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
-    with torch.no_grad():
-        net(torch.rand(batch_size, *shape).to(memory_format=torch.channels_last))  # B x C x H x W
+    # with autograd on, as in training: requires_grad tells which inputs get a gradient
+    net(torch.rand(batch_size, *shape).to(memory_format=torch.channels_last))  # B x C x H x W
     for hook in hooks:
         hook.remove()
     return inputs
@@ -217,18 +218,25 @@ def convolution_inputs(net, shape, batch_size):
 def kernel_times(inputs, repeats=20):
     """Seconds that one training step spends in the convolutions of `inputs` (from
     convolution_inputs), by part (KERNEL_PARTS) and dtype, summed over the layers, each layer
-    timed in float32 and then in bfloat16 (the dtype autocast gives it): {(dtype, part): s}."""
+    timed in float32 and then in bfloat16 (the dtype autocast gives it): {(dtype, part): s}.
+    The weight gradient includes the bias's, which the same kernel computes."""
     times = collections.Counter()
-    for conv, x in inputs.items():
+    for conv, (x, needs_grad) in inputs.items():
         for dtype in (torch.float32, torch.bfloat16):
             layer = copy.deepcopy(conv).to(dtype)
             given = x.to(dtype).clone().requires_grad_()  # B x C x H x W
-            y = layer(given)
-            grad = torch.randn_like(y)  # each grad call computes only the gradient it asks for
-            for part, run in zip(KERNEL_PARTS, (
-                    lambda: layer(given),
-                    lambda: torch.autograd.grad(y, given, grad, retain_graph=True),
-                    lambda: torch.autograd.grad(y, layer.weight, grad, retain_graph=True))):
+            y = layer(given)  # B x C' x H' x W'
+            grad = torch.randn_like(y)  # B x C' x H' x W'
+            weights = tuple(p for p in (layer.weight, layer.bias) if p is not None)
+            # autograd.grad asks ConvolutionBackward for the named inputs' gradients alone
+            parts = {"forward": lambda: layer(given),
+                     "input gradient": lambda: torch.autograd.grad(y, given, grad,
+                                                                   retain_graph=True),
+                     "weight gradient": lambda: torch.autograd.grad(y, weights, grad,
+                                                                    retain_graph=True)}
+            if not needs_grad:  # training never computes it
+                del parts["input gradient"]
+            for part, run in parts.items():
                 run()  # warm-up: oneDNN builds its kernel on the first call
                 start = time.perf_counter()
                 for _ in range(repeats):
@@ -238,17 +246,15 @@ def kernel_times(inputs, repeats=20):
 
 
 def say_kernel_times(inputs, rounds):
-    """Print the time per step of the convolutions' parts in float32 and bfloat16, the median
-    of `rounds` rounds of kernel_times, and bfloat16's speed relative to float32."""
+    """Print the time per step of the convolutions' parts in float32 and bfloat16 (the median
+    of `rounds` rounds of kernel_times) and bfloat16's speed relative to float32's."""
     runs = [kernel_times(inputs) for _ in range(rounds)]
     print(f"convolutions ({len(inputs)} layers), per training step, median of {rounds} rounds:")
     for part in KERNEL_PARTS:
         fp32, bf16 = (statistics.median(run[dtype, part] for run in runs)
                       for dtype in (torch.float32, torch.bfloat16))
-        ratio = statistics.median(run[torch.float32, part] / run[torch.bfloat16, part]
-                                  for run in runs)
         print(f"  {part:15s}  float32 {fp32 * 1e3:6.2f} ms  bfloat16 {bf16 * 1e3:6.2f} ms  "
-              f"bfloat16 runs at {ratio:.2f}x float32's speed", flush=True)
+              f"bfloat16 runs at {fp32 / bf16:.2f}x float32's speed", flush=True)
 
 
 def profile_steps(net, images, steps, batch_size, noise_std, rows=12):
@@ -283,7 +289,8 @@ def main(argv=None):
                    help="also print torch.profiler's table for 30 steps of the project's loop")
     p.add_argument("--kernels", action="store_true",
                    help="also time the model's convolutions, forward pass, input gradient and "
-                        "weight gradient apart, in float32 against bfloat16")
+                        "weight gradient apart, in float32 against bfloat16 (median of --pairs "
+                        "rounds)")
     p.add_argument("--processes", type=train.positive_int, default=None,
                    help="also time one epoch of train.py as 1 process of N threads against N "
                         "torchrun processes of 1 thread")
