@@ -2101,6 +2101,17 @@ def test_speed_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     assert "convolutions (8 layers)" in out  # unet 8/16: 2 x 2 down, 1 up, 2 merging, the head
     assert all(re.search(rf"{part} +float32 +[\d.]+ ms +bfloat16 +[\d.]+ ms", out)
                for part in ("forward", "input gradient", "weight gradient"))
+    net = model.build_model({"arch": "basic", "channels": 1, "widths": [4, 8]})
+    inputs = speed.convolution_inputs(net, (1, 28, 28), 4)  # the first layer's input: the data
+    assert [needs_grad for _, needs_grad in inputs.values()] == [False, True, True, True]
+    assert [x.shape[1:] for x, _ in inputs.values()] == [(1, 28, 28), (4, 14, 14), (8, 7, 7),
+                                                         (4, 14, 14)]
+    times = speed.kernel_times(inputs, repeats=1)
+    assert set(times) == {(d, part) for d in (torch.float32, torch.bfloat16)
+                          for part in speed.KERNEL_PARTS} and min(times.values()) > 0
+    first = dict(list(inputs.items())[:1])  # its input gradient is never computed, nor timed
+    assert {part for _, part in speed.kernel_times(first, repeats=1)} == {"forward",
+                                                                          "weight gradient"}
     with pytest.raises(SystemExit) as e:
         speed.main(["--variants", "fused-adam,turbo"])
     assert e.value.code == 2 and "unknown turbo" in capsys.readouterr().err
