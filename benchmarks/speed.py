@@ -1,6 +1,6 @@
 """Training speed: the tutorial pipeline against this project's loop, measured in one run.
 
-    python benchmarks/speed.py --data-dir data                # full MNIST in data/MNIST/raw
+    python benchmarks/speed.py --data-dir DATA                # full MNIST: DATA/MNIST/raw
     python benchmarks/speed.py                                # offline: the bundled sample
     python benchmarks/speed.py --arch unet --widths 8,16      # another model (default: basic)
 
@@ -198,10 +198,11 @@ KERNEL_PARTS = ("forward", "input gradient", "weight gradient")
 
 
 def convolution_inputs(net, shape, batch_size):
-    """Each convolution of `net` (channels-last) with the input it sees in a training forward
-    pass of a random batch of `batch_size` images of `shape` (C, H, W), and whether training
-    computes that input's gradient (not for the first layer, whose input is the data)."""
-    inputs = {}
+    """Each convolution of `net` (made channels-last, as train.py runs it) with the input it
+    sees in a training forward pass of a random batch of `batch_size` images of `shape`
+    (C, H, W), and whether training computes that input's gradient (not for the first layer,
+    whose input is the data)."""
+    net, inputs = net.to(memory_format=torch.channels_last), {}
 
     def keep(conv, args):  # returns None: the input goes on unchanged
         inputs[conv] = args[0].detach(), args[0].requires_grad
@@ -379,8 +380,8 @@ def measure(ds, root, config, *, steps, batch_size, pairs, profile, variants=(),
             print(f"variant {name}: {speed:,.0f} img/s, {ratio:.2f}x the project's float32 loop "
                   f"(median of {pairs} pairs){note}", flush=True)
     if kernels:
-        say_kernel_times(convolution_inputs(fresh().to(memory_format=torch.channels_last),
-                                            tuple(ds.train_x.shape[1:]), batch_size), pairs)
+        say_kernel_times(convolution_inputs(fresh(), tuple(ds.train_x.shape[1:]), batch_size),
+                         pairs)
     if profile:
         print(profile_steps(fresh(), ds.train_x, 30, batch_size, noise_std))
     return 0
