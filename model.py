@@ -1,4 +1,4 @@
-"""Convolutional denoising autoencoders, and how to get one back from a checkpoint.
+"""Convolutional denoisers, and how to get one back from a checkpoint.
 
     net = model.load_model("checkpoints/autoencoder.pt")   # weights-only load, build, strict load
     clean = net(noisy)                                     # N x C x H x W in [0, 1]
@@ -7,17 +7,15 @@ A checkpoint stores `config` ({"arch", "channels", "widths", ...}); build_model(
 the same network, so no script needs the user to repeat architecture flags.
 """
 
-import os
-import re
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # The output starts at sigmoid(-2) = 0.12, about MNIST's mean pixel, instead of 0.5. With bias 0,
 # Adam's first steps drive every output towards the black background, the decoder's ReLUs die
 # and the sigmoid saturates: the network collapses to an all-black image (README: "collapse").
 OUTPUT_BIAS_INIT = -2.0
-MAX_CHANNELS, MAX_WIDTH, MAX_LEVELS = 4, 4096, 8  # what a checkpoint may ask for
+MAX_CHANNELS, MAX_WIDTH, MAX_LEVELS = 4, 512, 4  # a crafted config cannot ask for gigabytes
 
 
 def conv_bn_relu(c_in, c_out, stride=1):
@@ -26,29 +24,44 @@ def conv_bn_relu(c_in, c_out, stride=1):
             nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
+def up_bn_relu(c_in, c_out, kernel=3):
+    """A stride-2 transposed convolution (twice the size), BatchNorm, ReLU."""
+    pad, extra = (1, 1) if kernel == 3 else (0, 0)  # output exactly twice the input
+    return [nn.ConvTranspose2d(c_in, c_out, kernel, stride=2, padding=pad, output_padding=extra,
+                               bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
 def subpixel_head(c_in, channels):
     """The output layer at twice the input's resolution: a 3x3 conv to 4 x channels logits,
-    PixelShuffle(2), sigmoid. A stride-2 transposed convolution is a special case of this form,
-    which runs faster on a CPU. Its bias starts at OUTPUT_BIAS_INIT."""
+    PixelShuffle(2), sigmoid (a stride-2 transposed convolution in a form that runs faster on
+    a CPU). Its bias starts at OUTPUT_BIAS_INIT."""
     conv = nn.Conv2d(c_in, 4 * channels, 3, padding=1)
     nn.init.constant_(conv.bias, OUTPUT_BIAS_INIT)
     return nn.Sequential(conv, nn.PixelShuffle(2), nn.Sigmoid())
 
 
-def check_size(x, widths):
-    """Raise ValueError unless x's height and width are multiples of 2 ** len(widths)."""
-    factor = size_multiple(widths)
-    if x.shape[-2] % factor or x.shape[-1] % factor:
-        raise ValueError(f"height and width must be multiples of {factor}, "
-                         f"got {tuple(x.shape[-2:])}")
+def size_multiple(widths):
+    """What the height and width of an input must be a multiple of: each level halves them."""
+    return 2 ** len(widths)
 
 
-class BasicAutoencoder(nn.Module):
-    """Stride-2 3x3 convolutions down, stride-2 transposed convolutions up, sigmoid out.
+class Denoiser(nn.Module):
+    """What the three architectures share: `widths` (channels per level), and any input size."""
 
-    Each hidden convolution is followed by BatchNorm and ReLU. Fully convolutional: any channel
-    count, and any H, W divisible by 2 ** len(widths) (two levels: 28 -> 14 -> 7 -> 14 -> 28).
-    """
+    def forward(self, x):  # N x C x H x W -> N x C x H x W in [0, 1]
+        """Denoise a batch of any H and W: reflect-padded up to what the strides need (a
+        multiple of size_multiple(widths)), cropped back."""
+        (h, w), multiple = x.shape[-2:], size_multiple(self.widths)
+        pad_h, pad_w = -h % multiple, -w % multiple
+        if pad_h or pad_w:  # reflect needs pad < size
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if pad_h < h and pad_w < w
+                      else "replicate")
+        return self.run(x)[..., :h, :w]
+
+
+class BasicAutoencoder(Denoiser):
+    """Stride-2 3x3 convolutions down, stride-2 transposed convolutions up, sigmoid out; each
+    hidden layer with BatchNorm and ReLU (two levels: 28 -> 14 -> 7 -> 14 -> 28)."""
 
     default_widths = (32, 64)
 
@@ -56,24 +69,12 @@ class BasicAutoencoder(nn.Module):
         super().__init__()
         self.widths, layers, c = tuple(widths), [], channels
         for w in widths:  # each level halves H and W
-            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.BatchNorm2d(w),
-                       nn.ReLU(inplace=True)]
+            layers += conv_bn_relu(c, w, stride=2)
             c = w
         for w in reversed(widths[:-1]):  # mirror image: each level doubles H and W
-            # output_padding=1 makes the output exactly twice the input (k=3, s=2, p=1)
-            layers += [nn.ConvTranspose2d(c, w, 3, stride=2, padding=1, output_padding=1),
-                       nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers += up_bn_relu(c, w)
             c = w
-        # subpixel_head's layers, written out: flat in self.net, they keep the weight names
-        # (net.N.*) that checkpoints of this model have always had
-        last = nn.Conv2d(c, 4 * channels, 3, padding=1)
-        nn.init.constant_(last.bias, OUTPUT_BIAS_INIT)
-        self.net = nn.Sequential(*layers, last, nn.PixelShuffle(2), nn.Sigmoid())
-
-    def forward(self, x):  # N x C x H x W -> N x C x H x W in [0, 1]
-        """Denoise a batch; H and W must be multiples of 2 ** len(widths)."""
-        check_size(x, self.widths)
-        return self.net(x)
+        self.run = nn.Sequential(*layers, subpixel_head(c, channels))
 
 
 class Residual(nn.Module):
@@ -89,7 +90,7 @@ class Residual(nn.Module):
         return x + self.f(x)
 
 
-class DeepAutoencoder(nn.Module):
+class DeepAutoencoder(Denoiser):
     """The basic autoencoder with `blocks` residual conv-BN-ReLU blocks at every scale, on both
     the way down and the way up (no skip connections between them)."""
 
@@ -104,24 +105,18 @@ class DeepAutoencoder(nn.Module):
             c = w
         for w in reversed(widths[:-1]):
             layers += [Residual(*conv_bn_relu(c, c)) for _ in range(blocks)]
-            layers += [nn.ConvTranspose2d(c, w, 3, stride=2, padding=1, output_padding=1,
-                                          bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers += up_bn_relu(c, w)
             c = w
         layers += [Residual(*conv_bn_relu(c, c)) for _ in range(blocks)]
-        self.net = nn.Sequential(*layers, subpixel_head(c, channels))
-
-    def forward(self, x):  # N x C x H x W -> N x C x H x W in [0, 1]
-        """Denoise a batch; H and W must be multiples of 2 ** len(widths)."""
-        check_size(x, self.widths)
-        return self.net(x)
+        self.run = nn.Sequential(*layers, subpixel_head(c, channels))
 
 
-class UNet(nn.Module):
+class UNet(Denoiser):
     """An encoder-decoder whose decoder also sees the encoder's features at each scale (skip
     connections, concatenated), so detail lost on the way down can come back.
 
     The first level works on 2x2 pixel blocks (PixelUnshuffle: lossless, 4 x C channels at half
-    the size) and the output is drawn back by the sub-pixel head: no convolution runs at full
+    the size) and the sub-pixel head draws the output back: no convolution runs at full
     resolution, which keeps a CPU epoch short.
     """
 
@@ -130,65 +125,41 @@ class UNet(nn.Module):
     def __init__(self, channels=1, widths=default_widths):
         super().__init__()
         self.widths, self.down, c = tuple(widths), nn.ModuleList(), 4 * channels
-        for i, w in enumerate(widths):
-            stride = 1 if i == 0 else 2  # level 0 is already at half size
-            self.down.append(nn.Sequential(*conv_bn_relu(c, w, stride), *conv_bn_relu(w, w)))
+        for i, w in enumerate(widths):  # level 0 is already at half size: stride 1
+            self.down.append(nn.Sequential(*conv_bn_relu(c, w, 1 if i == 0 else 2),
+                                           *conv_bn_relu(w, w)))
             c = w
         self.up, self.merge = nn.ModuleList(), nn.ModuleList()
         for w in reversed(widths[:-1]):
-            # a 2x2 stride-2 transposed conv: each input pixel paints its own 2x2 block,
-            # so no checkerboard from overlapping kernels
-            self.up.append(nn.Sequential(nn.ConvTranspose2d(c, w, 2, stride=2, bias=False),
-                                         nn.BatchNorm2d(w), nn.ReLU(inplace=True)))
+            # 2x2 kernels, stride 2: each input pixel paints its own 2x2 block, no checkerboard
+            self.up.append(nn.Sequential(*up_bn_relu(c, w, kernel=2)))
             self.merge.append(nn.Sequential(*conv_bn_relu(2 * w, w), *conv_bn_relu(w, w)))
             c = w
-        self.unshuffle = nn.PixelUnshuffle(2)
         self.head = subpixel_head(c, channels)
 
-    def forward(self, x):  # N x C x H x W -> N x C x H x W in [0, 1]
-        """Denoise a batch; H and W must be multiples of 2 ** len(widths)."""
-        check_size(x, self.widths)
-        h = self.unshuffle(x)  # N x 4C x H/2 x W/2
-        skips = []
+    def run(self, x):  # N x C x H x W -> N x C x H x W
+        """The U-Net's pass, without the size check."""
+        h, skips = F.pixel_unshuffle(x, 2), []  # N x 4C x H/2 x W/2
         for level in self.down:
             h = level(h)  # N x w_i x H/2^(i+1) x W/2^(i+1)
             skips.append(h)
         for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
             h = merge(torch.cat([up(h), skip], dim=1))  # N x w_i x (size of level i)
-        return self.head(h)  # N x C x H x W
+        return self.head(h)
 
 
 ARCHS = {"basic": BasicAutoencoder, "deep": DeepAutoencoder, "unet": UNet}
 
 
-def model_config(arch="basic", channels=1, widths=None):
-    """The part of a checkpoint's config that describes the network, as plain Python values.
-    Raises ValueError (one line) for an unknown arch or out-of-range channels or widths."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
-    widths = ARCHS[arch].default_widths if widths is None else widths
-    if not (_is_int(channels) and 1 <= channels <= MAX_CHANNELS):
-        raise ValueError(f"channels must be an integer from 1 to {MAX_CHANNELS}, got {channels!r}")
-    if not (isinstance(widths, (list, tuple)) and 1 <= len(widths) <= MAX_LEVELS
-            and all(_is_int(w) and 1 <= w <= MAX_WIDTH for w in widths)):
-        raise ValueError(f"widths must be 1 to {MAX_LEVELS} integers from 1 to {MAX_WIDTH}, "
-                         f"got {widths!r}")
-    return {"arch": arch, "channels": channels, "widths": list(widths)}
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def size_multiple(widths):
-    """What the height and width of an input must be a multiple of: each level halves them."""
-    return 2 ** len(widths)
-
-
 def build_model(config):
-    """Build the network a checkpoint's config describes (reads arch, channels, widths)."""
-    spec = model_config(config["arch"], config["channels"], config["widths"])
-    return ARCHS[spec["arch"]](spec["channels"], tuple(spec["widths"]))
+    """The untrained network a config describes (reads arch, channels, widths). Raises
+    ValueError for sizes past MAX_CHANNELS, MAX_WIDTH or MAX_LEVELS."""
+    channels, widths = config["channels"], list(config["widths"])
+    if not (1 <= channels <= MAX_CHANNELS and 1 <= len(widths) <= MAX_LEVELS
+            and all(1 <= w <= MAX_WIDTH for w in widths)):
+        raise ValueError(f"a model of {channels} channels and widths {widths} is out of range "
+                         f"(channels 1-{MAX_CHANNELS}, 1-{MAX_LEVELS} widths of 1-{MAX_WIDTH})")
+    return ARCHS[config["arch"]](channels, tuple(widths))
 
 
 def count_parameters(net):
@@ -196,65 +167,11 @@ def count_parameters(net):
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-# ---------------------------------------------------------------- loading a checkpoint
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used. The message is one line naming the file."""
-
-
-def read_checkpoint(path):
-    """Load a checkpoint on the CPU with torch.load(weights_only=True): the unpickler builds
-    only tensors and plain containers, so a file that would call a function (os.system, ...)
-    is refused instead of run. Returns the dict; raises CheckpointError with one line."""
-    hint = "run python train.py first"
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; {hint}")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} is not a regular file; {hint}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, random bytes, or a pickle that wants to run code
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {_load_failure(e)}") from e
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
-            and isinstance(checkpoint.get("config"), dict)):
-        raise CheckpointError(f"{path} is not a checkpoint of this project "
-                              f"(expected a dict with 'model' and 'config'); {hint}")
-    return checkpoint
-
-
-def _load_failure(error):
-    """A short reason for a failed weights-only torch.load (torch's own messages run to pages)."""
-    text = " ".join(str(error).split())
-    found = re.search(r"unsupported GLOBAL (\S+)", text)
-    if found:  # the pickle names a function or class to call: refused, never run
-        return f"it asks to call {found.group(1)} when loaded; refused, only tensors are loaded"
-    if isinstance(error, EOFError) or "PytorchStreamReader" in text or "zip" in text.lower():
-        return "empty, truncated or not a torch file"
-    return "not a torch checkpoint of tensors and plain values"
-
-
-def restore_model(checkpoint, path):
-    """Build the checkpoint's model from its config and load its weights strictly; raises
-    CheckpointError with one line (a bad config, or weights that do not fit it)."""
-    config = checkpoint["config"]
-    try:
-        net = build_model(config)
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} has an unusable model config ({e})") from e
-    try:
-        net.load_state_dict(checkpoint["model"])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        first = re.split(r"\.\s+(?=size mismatch|Missing key|Unexpected key)",
-                         re.sub(r"^Error\(s\) in loading state_dict for \w+: ", "",
-                                " ".join(str(e).split())))
-        more = f" (and {len(first) - 1} more)" if len(first) > 1 else ""
-        raise CheckpointError(f"checkpoint {path}: weights do not fit its config "
-                              f"({config['arch']}, {config['channels']} channels, widths "
-                              f"{config['widths']}): {first[0].rstrip('.')}{more}") from e
-    return net
-
-
 def load_model(path):
-    """The denoiser saved in checkpoint `path`, ready to use (eval mode, on the CPU)."""
-    return restore_model(read_checkpoint(path), path).eval()
+    """The denoiser saved in checkpoint `path`, in eval mode on the CPU. torch.load with
+    weights_only=True builds only tensors and plain containers: a file that would call a
+    function when unpickled is refused, never run."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    net = build_model(checkpoint["config"])
+    net.load_state_dict(checkpoint["model"])
+    return net.eval()
