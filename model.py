@@ -1,10 +1,7 @@
 """Convolutional denoisers, and how to get one back from a checkpoint.
 
     net = model.load_model("checkpoints/autoencoder.pt")   # weights-only load, build, strict load
-    clean = net(noisy)                                     # N x C x H x W in [0, 1]
-
-A checkpoint stores `config` ({"arch", "channels", "widths", ...}); build_model(config) gives back
-the same network, so no script needs the user to repeat architecture flags.
+    clean = net(noisy)                                     # N x C x H x W in [0, 1], any H, W
 """
 
 import torch
@@ -32,9 +29,8 @@ def up_bn_relu(c_in, c_out, kernel=3):
 
 
 def subpixel_head(c_in, channels):
-    """The output layer at twice the input's resolution: a 3x3 conv to 4 x channels logits,
-    PixelShuffle(2), sigmoid (a stride-2 transposed convolution in a form that runs faster on
-    a CPU). Its bias starts at OUTPUT_BIAS_INIT."""
+    """The output layer at twice the input's size: a 3x3 conv to 4 x channels, PixelShuffle(2)
+    and a sigmoid (a transposed convolution's faster form); its bias starts at OUTPUT_BIAS_INIT."""
     conv = nn.Conv2d(c_in, 4 * channels, 3, padding=1)
     nn.init.constant_(conv.bias, OUTPUT_BIAS_INIT)
     return nn.Sequential(conv, nn.PixelShuffle(2), nn.Sigmoid())
@@ -49,8 +45,7 @@ class Denoiser(nn.Module):
     """What the three architectures share: `widths` (channels per level), and any input size."""
 
     def forward(self, x):  # N x C x H x W -> N x C x H x W in [0, 1]
-        """Denoise a batch of any H and W: reflect-padded up to what the strides need (a
-        multiple of size_multiple(widths)), cropped back."""
+        """Denoise a batch of any H, W: padded to what the strides need, then cropped back."""
         (h, w), multiple = x.shape[-2:], size_multiple(self.widths)
         pad_h, pad_w = -h % multiple, -w % multiple
         if pad_h or pad_w:  # reflect needs pad < size
@@ -60,8 +55,8 @@ class Denoiser(nn.Module):
 
 
 class BasicAutoencoder(Denoiser):
-    """Stride-2 3x3 convolutions down, stride-2 transposed convolutions up, sigmoid out; each
-    hidden layer with BatchNorm and ReLU (two levels: 28 -> 14 -> 7 -> 14 -> 28)."""
+    """Stride-2 convolutions down, transposed ones up, each with BatchNorm and ReLU, a sigmoid
+    out (two levels: 28 -> 14 -> 7 -> 14 -> 28)."""
 
     default_widths = (32, 64)
 
@@ -113,12 +108,9 @@ class DeepAutoencoder(Denoiser):
 
 class UNet(Denoiser):
     """An encoder-decoder whose decoder also sees the encoder's features at each scale (skip
-    connections, concatenated), so detail lost on the way down can come back.
-
-    The first level works on 2x2 pixel blocks (PixelUnshuffle: lossless, 4 x C channels at half
-    the size) and the sub-pixel head draws the output back: no convolution runs at full
-    resolution, which keeps a CPU epoch short.
-    """
+    connections), so detail lost on the way down comes back. The first level works on 2x2
+    pixel blocks (PixelUnshuffle) and the sub-pixel head draws the output back: no convolution
+    runs at full resolution, which keeps a CPU epoch short."""
 
     default_widths = (16, 32)
 
@@ -152,8 +144,7 @@ ARCHS = {"basic": BasicAutoencoder, "deep": DeepAutoencoder, "unet": UNet}
 
 
 def build_model(config):
-    """The untrained network a config describes (reads arch, channels, widths). Raises
-    ValueError for sizes past MAX_CHANNELS, MAX_WIDTH or MAX_LEVELS."""
+    """The untrained network of a config's arch, channels and widths (capped: ValueError)."""
     channels, widths = config["channels"], list(config["widths"])
     if not (1 <= channels <= MAX_CHANNELS and 1 <= len(widths) <= MAX_LEVELS
             and all(1 <= w <= MAX_WIDTH for w in widths)):
@@ -168,9 +159,8 @@ def count_parameters(net):
 
 
 def load_model(path):
-    """The denoiser saved in checkpoint `path`, in eval mode on the CPU. torch.load with
-    weights_only=True builds only tensors and plain containers: a file that would call a
-    function when unpickled is refused, never run."""
+    """The denoiser in checkpoint `path`, in eval mode. weights_only=True builds only tensors
+    and plain values: a file that would run code when unpickled is refused."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     net = build_model(checkpoint["config"])
     net.load_state_dict(checkpoint["model"])

@@ -1,16 +1,16 @@
 """Train a convolutional denoising autoencoder: noisy image in, clean image out.
 
-    python train.py --epochs 10            # MNIST, Gaussian noise of std 0.5
+    python train.py --epochs 10            # MNIST, Gaussian noise of std 0.5, then:
     python visualize.py                    # noisy / clean / denoised test images
 
-Read it top-down: the noise, the losses (supervised, and three that learn from noisy images
-alone), one step and one epoch, the metrics; then the checkpoint, the run and the command line.
-Randomness is a function of (--seed, epoch, rank), so a resume needs no saved random state.
+Top-down: the noise, the losses (supervised, and three that learn from noisy images alone), one
+step and one epoch, the metrics; then the checkpoint, the run and the command line.
 """
 
 import argparse
 import math
 import os
+import pickle
 import signal
 import sys
 import tempfile
@@ -46,8 +46,7 @@ NOISES = {
 
 
 class Noise(NamedTuple):
-    """A noise type (a key of NOISES); its level, a float or [lo, hi] to draw one level per
-    image (blind training); whether noisy pixels are clipped to [0, 1]."""
+    """A type (a key of NOISES), a level (or [lo, hi]: one per image), clipping to [0, 1]."""
 
     kind: str
     level: object
@@ -60,17 +59,13 @@ class Noise(NamedTuple):
 
 
 def add_noise(images, noise, generator):
-    """Noisy copies of `images` (N x C x H x W in [0, 1]), clipped to [0, 1] if noise.clip.
-
+    """Noisy copies of `images` (N x C x H x W in [0, 1]), clipped to [0, 1] if noise.clip:
     "gaussian" adds N(0, level^2); "speckle" adds images * N(0, level^2); "salt-pepper" sets a
     fraction `level` of the values to 0 or 1; "poisson" counts Poisson(images * level) photons
-    and divides by `level`; "none" adds nothing. The same generator state, the same draw.
-    """
-    level, draw = noise.level, {"generator": generator, "device": images.device,
-                                "dtype": images.dtype}
+    and divides by `level`; "none" adds nothing. The same generator state, the same draw."""
+    level, draw = noise.level, {"generator": generator, "device": images.device}
     if isinstance(level, (list, tuple)):  # one level per image: N x 1 x 1 x 1
-        lo, hi = level
-        level = torch.rand((len(images),) + (1,) * (images.dim() - 1), **draw) * (hi - lo) + lo
+        level = torch.rand(len(images), 1, 1, 1, **draw) * (level[1] - level[0]) + level[0]
     if noise.kind == "none":
         return images.clone()
     if noise.kind == "salt-pepper":
@@ -85,9 +80,9 @@ def add_noise(images, noise, generator):
 
 
 def seeded(*key, device="cpu"):
-    """A torch generator seeded by a tuple of integers, mixed by numpy's SeedSequence: (seed,
-    epoch) draws an epoch's data order and crops, (seed, epoch, rank + 1) a process's noise
-    (SeedSequence pads keys with zeros: (seed, epoch, 0) would repeat (seed, epoch))."""
+    """A torch generator seeded by integers that numpy's SeedSequence mixes: (seed, epoch) for
+    an epoch's order and crops, (seed, epoch, rank + 1) for a process's noise (not rank: the
+    sequence pads with zeros, so (seed, epoch, 0) would repeat (seed, epoch))."""
     state = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]
     return torch.Generator(device).manual_seed(int(state))
 
@@ -101,17 +96,15 @@ NEIGHBOR_GAMMA = 2.0  # neighbor2neighbor's regulariser weight (Huang et al. 202
 
 
 def supervised_loss(net, clean, noise, generator):
-    """MSE between the model's output for a noisy copy of `clean` (B x C x H x W) and `clean`.
-    The model sees only the noisy batch: fed the clean one (a common tutorial bug), it would
-    learn an identity map."""
+    """MSE between the model's output for a noisy copy of `clean` (B x C x H x W) and `clean`;
+    the model sees only the noisy batch (fed the clean one, it would learn the identity)."""
     noisy = add_noise(clean, noise, generator)  # B x C x H x W
     return F.mse_loss(net(noisy).float(), clean)
 
 
 def noise2noise_loss(net, pairs, noise=None, generator=None):
-    """Noise2Noise (Lehtinen et al. 2018): map one noisy copy of an image to another,
-    independent one (pairs: B x 2 x C x H x W); for zero-mean noise the minimiser is the same
-    as with clean targets."""
+    """Noise2Noise (Lehtinen et al. 2018): map one noisy copy of an image to another (pairs:
+    B x 2 x C x H x W); for zero-mean noise the minimiser is that of clean targets."""
     return F.mse_loss(net(pairs[:, 0].contiguous()).float(), pairs[:, 1])
 
 
@@ -190,16 +183,15 @@ def train_step(net, optimizer, batch, noise, generator, *, loss=supervised_loss,
 
 
 def batches(order, batch_size, processes=1):
-    """Consecutive minibatches of `order`; a last batch too small to give each process 2 images
-    is dropped (BatchNorm cannot train on one image shrunk to one pixel)."""
+    """Minibatches of `order`, without a last one too small to give each process 2 images
+    (BatchNorm cannot train on one image shrunk to one pixel)."""
     return [idx for idx in order.split(batch_size) if len(idx) >= 2 * processes]
 
 
 def train_epoch(net, optimizer, images, order, generator, *, noise, batch_size, scheduler=None,
-                loss=supervised_loss, amp=False, share=(0, 1), progress=None):
-    """One pass over `images` (N x C x H x W) in `order`, noise drawn by `generator`.
-    share=(rank, processes): train on every processes-th image of each batch. Returns this
-    process's mean training loss (NaN if it diverged)."""
+                loss=supervised_loss, amp=False, share=(0, 1)):
+    """One pass over `images` (N x C x H x W) in `order`, noise drawn by `generator`; with
+    share=(rank, processes), on every processes-th image of each batch. Returns the mean loss."""
     net.train()
     rank, processes = share
     total, count = torch.zeros((), device=images.device), 0  # summed on the device: no sync
@@ -210,8 +202,6 @@ def train_epoch(net, optimizer, images, order, generator, *, noise, batch_size, 
         count += len(idx)
         if scheduler is not None:
             scheduler.step()
-        if progress is not None:
-            progress.update(1)
     return total.item() / count
 
 
@@ -230,9 +220,8 @@ def psnr(pred, target):
 
 
 def ssim(pred, target, batch_size=EVAL_BATCH_SIZE):
-    """Mean SSIM (Wang et al. 2004; Gaussian window 11, sigma 1.5, data range 1) over each
-    image's valid windows, as scikit-image computes it, then over images. torchmetrics draws
-    the SSIM map; its 5-pixel border (windows over the padding) is cut off."""
+    """Mean SSIM (Wang et al. 2004: Gaussian window 11, sigma 1.5) over each image's valid
+    windows, as scikit-image computes it: torchmetrics' SSIM map without its padded border."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim_map
 
     cut, per_image = SSIM_WINDOW // 2, []
@@ -247,14 +236,14 @@ def ssim(pred, target, batch_size=EVAL_BATCH_SIZE):
 
 
 def fixed_noisy_test_set(clean, noise):
-    """The test images with noise drawn once on the CPU from TEST_NOISE_SEED, so that every
-    run, seed, epoch and device is scored on the same noisy images."""
+    """The test images with noise drawn on the CPU from TEST_NOISE_SEED: every run, seed, epoch
+    and device is scored on the same noisy images."""
     noisy = add_noise(clean.cpu(), noise, torch.Generator().manual_seed(TEST_NOISE_SEED))
     return noisy.to(clean.device)  # N x C x H x W
 
 
 def inference(net, device_type, amp, work):
-    """work() in eval mode without autograd (bfloat16 autocast if `amp`); the mode comes back."""
+    """work() in eval mode, without autograd, in bfloat16 if `amp`; the mode is restored."""
     was_training, _ = net.training, net.eval()
     try:
         with torch.no_grad(), torch.autocast(device_type, torch.bfloat16, enabled=amp):
@@ -271,9 +260,7 @@ def denoise(net, noisy, amp=False):
 
 def heldout_loss(net, noisy, loss, amp=False):
     """A self-supervised `loss` on held-out noisy images (N x C x H x W), averaged over
-    HELDOUT_DRAWS draws of its hidden pixels from TEST_NOISE_SEED: the score of a run with no
-    clean images (for noise2self: the error against the unseen clean images plus the noise's
-    variance, for noise independent between pixels)."""
+    HELDOUT_DRAWS fixed draws of its hidden pixels: the score of a run with no clean image."""
     generator = torch.Generator(noisy.device).manual_seed(TEST_NOISE_SEED)
     chunks = noisy.split(EVAL_BATCH_SIZE) * HELDOUT_DRAWS
     return inference(net, noisy.device.type, amp, lambda: sum(
@@ -293,31 +280,34 @@ def make_optimizer(net, config, steps_per_epoch):
         optimizer, max_lr=config["lr"], total_steps=config["epochs"] * steps_per_epoch)
 
 
-def restore(checkpoint, path, device, steps_per_epoch=None):
-    """(net, optimizer, scheduler) from a checkpoint: the model built from its config, weights
-    loaded strictly; for a resume (steps_per_epoch given) the optimizer and lr schedule too.
-    Any failure is one UserError naming the file."""
+def restore(path, device, resume=False):
+    """(checkpoint, model, optimizer, lr schedule) from the file at `path`, read with
+    torch.load(weights_only=True), which builds tensors and plain values only: a file that
+    would run code when unpickled is refused. The optimizer and schedule (None unless `resume`)
+    are as the run left them. Everything that uses the file is in one try: one UserError."""
+    if not os.path.isfile(path):  # a FIFO would block
+        raise data.UserError(f"checkpoint {path} is not a file; run python train.py first")
     try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != data.CHECKPOINT_FORMAT:
+            raise ValueError("not written by this version of train.py: train the model again")
         config = checkpoint["config"]
         net = model.build_model(config).to(device, memory_format=torch.channels_last)
         net.load_state_dict(checkpoint["model"])
-        if steps_per_epoch is None:
-            return net.eval(), None, None
-        optimizer, scheduler = make_optimizer(net, config, steps_per_epoch)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            if scheduler.total_steps != config["epochs"] * steps_per_epoch:
-                raise ValueError("its lr schedule has another number of steps than this data")
-        return net, optimizer, scheduler
-    except Exception as e:  # crafted or damaged contents fail in many ways; none may run on
-        raise data.UserError(f"checkpoint {path} cannot be used: {type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:200]}") from e
+        optimizer, scheduler = make_optimizer(net, config, config["steps_per_epoch"])
+        if resume:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(checkpoint["scheduler"])
+        return (checkpoint, net, optimizer, scheduler) if resume else (checkpoint, net.eval())
+    except Exception as e:  # damaged or crafted files fail in many ways; none may run on
+        why = ("damaged, or it would run code when loaded: refused" if isinstance(
+            e, pickle.UnpicklingError) else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        raise data.UserError(f"checkpoint {path} cannot be used ({why})") from e
 
 
 def join_processes(device):
-    """(rank, processes, device): (0, 1, device) alone; under torchrun, after joining the
-    process group (gloo on CPUs; nccl on CUDA, one GPU per process)."""
+    """(rank, processes, device); under torchrun, after joining the process group."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
@@ -327,10 +317,9 @@ def join_processes(device):
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
-def setup(config, checkpoint, path, procs):
-    """(data set, config completed by it, (model, optimizer, schedule, training images)):
-    fresh from --seed or from a checkpoint; under torchrun, rank 0 loads the data first (a
-    download) and the model is wrapped in DDP."""
+def setup(config, resumed, procs):
+    """(data set, config completed by it, (model, optimizer, schedule, training images)),
+    fresh from --seed or from a checkpoint; under torchrun, the model wrapped in DDP."""
     rank, processes, device = procs
     if rank > 0:
         torch.distributed.barrier()  # rank 0 loads (and downloads) first
@@ -345,64 +334,56 @@ def setup(config, checkpoint, path, procs):
     if steps == 0:
         raise data.UserError(f"--batch-size {config['batch_size']} cannot give each of "
                              f"{processes} processes 2 images")
-    if checkpoint:
-        net, optimizer, scheduler = restore(checkpoint, path, device, steps)
+    if resumed:
+        _, net, optimizer, scheduler = resumed
+        if steps != config["steps_per_epoch"]:
+            raise data.UserError(f"this data gives {steps} steps per epoch, the resumed run took "
+                                 f"{config['steps_per_epoch']}: point --data-dir at its data")
     else:
         net = model.build_model(config).to(device, memory_format=torch.channels_last)
         optimizer, scheduler = make_optimizer(net, config, steps)
+        config = {**config, "steps_per_epoch": steps}
     if processes > 1:
         if device.type == "cuda":  # BatchNorm statistics over the whole batch (gloo cannot)
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(net)
     if rank == 0:
         print(f"{ds.note}\nmodel: {config['arch']} {config['widths']}, "
-              f"{model.count_parameters(net):,} parameters, {device} x {processes}, "
-              f"{steps} steps per epoch, {config['method']}, lr {config['lr']:g} "
-              f"{config['lr_schedule']}, {config['precision']}")
+              f"{model.count_parameters(net):,} parameters, {device} x {processes}, {steps} steps "
+              f"per epoch, {config['method']}, lr {config['lr']:g} {config['lr_schedule']}, "
+              f"{config['precision']}")
     return ds, config, (net, optimizer, scheduler, train.to(device) if isinstance(
         train, torch.Tensor) else train)
 
 
-def test_set(images, config):
-    """The fixed noisy test set {"clean", "noisy"}, and prints the noisy input's scores; with
-    --noise none, the held-out images as they are and the method's loss to score them."""
-    if config["noise"] == "none":
-        print(f"held-out: {len(images):,} images, noisy already: scored by the {config['method']}"
-              f" loss (with no clean image there is no PSNR)")
-        return {"clean": None, "noisy": images, "loss": METHODS[config["method"]]}
-    noisy = fixed_noisy_test_set(images, config_noise(config))  # N x C x H x W
-    test = {"clean": images, "noisy": noisy, "noisy_psnr": psnr(noisy, images)}
-    print(f"noisy input ({config_noise(config)}): test PSNR {test['noisy_psnr']:.2f} dB, "
-          f"SSIM {ssim(noisy, images):.4f}")
-    return test
+def test_scores(images, config):
+    """score(net): a model's scores on the fixed noisy test set, score(None): the noisy input's;
+    with --noise none, the method's own loss on the held-out images as they are."""
+    amp, noise = config["precision"] == "bf16", config_noise(config)
+    if noise.kind == "none":  # no clean image, no PSNR
+        return lambda net: net and {"test_loss": heldout_loss(net, images,
+                                                              METHODS[config["method"]], amp)}
+    noisy = fixed_noisy_test_set(images, noise)  # N x C x H x W
+
+    def score(net):
+        restored = noisy if net is None else denoise(net, noisy, amp)  # N x C x H x W
+        return {"test_psnr": psnr(restored, images), "test_ssim": ssim(restored, images)}
+    return score
 
 
-def scores(net, test, amp):
-    """The test scores of an epoch: {"test_psnr", "test_ssim"}, or {"test_loss"}."""
-    if test["clean"] is None:
-        return {"test_loss": heldout_loss(net, test["noisy"], test["loss"], amp)}
-    restored = denoise(net, test["noisy"], amp)  # N x C x H x W
-    return {"test_psnr": psnr(restored, test["clean"]), "test_ssim": ssim(restored, test["clean"])}
-
-
-def train_epochs(run, config, test, path, history, procs):
-    """Train from len(history) to config["epochs"] epochs; rank 0 scores, prints, appends to
-    `history` and saves after each. Returns the exit code: 0, or 1 if the loss became NaN."""
-    from tqdm import tqdm
-
+def train_epochs(run, config, score, path, history, procs):
+    """Train to config["epochs"]; rank 0 scores, saves, appends to `history` and prints after
+    each epoch. Returns the exit code: 0, or 1 if the loss became NaN."""
     (net, optimizer, scheduler, train), (rank, processes, device) = run, procs
     for epoch in range(len(history) + 1, config["epochs"] + 1):
         start, generator = time.perf_counter(), seeded(config["seed"], epoch)
         images = data.epoch_images(train, config["crop"], generator).to(device)  # N x C x H x W
         order = torch.randperm(len(images), generator=generator)  # the same on every rank
-        with tqdm(total=len(batches(order, config["batch_size"], processes)), leave=False,
-                  desc=f"epoch {epoch}", disable=None if rank == 0 else True) as bar:
-            loss = train_epoch(net, optimizer, images, order,
-                               seeded(config["seed"], epoch, rank + 1, device=device),
-                               noise=config_noise(config), batch_size=config["batch_size"],
-                               scheduler=scheduler, loss=METHODS[config["method"]],
-                               amp=config["precision"] == "bf16", share=(rank, processes),
-                               progress=bar)
+        loss = train_epoch(net, optimizer, images, order,
+                           seeded(config["seed"], epoch, rank + 1, device=device),
+                           noise=config_noise(config), batch_size=config["batch_size"],
+                           scheduler=scheduler, loss=METHODS[config["method"]],
+                           amp=config["precision"] == "bf16", share=(rank, processes))
         if processes > 1:  # the mean of the processes' means
             loss = torch.tensor(loss, device=device)
             torch.distributed.all_reduce(loss)
@@ -413,8 +394,8 @@ def train_epochs(run, config, test, path, history, procs):
             return 1
         if rank == 0:
             seconds, unwrapped = time.perf_counter() - start, getattr(net, "module", net)
-            shown = scores(unwrapped, test, config["precision"] == "bf16")
-            record = {"epoch": epoch, "train_loss": loss, **shown,
+            scores = score(unwrapped)
+            record = {"epoch": epoch, "train_loss": loss, **scores,
                       "seconds": time.perf_counter() - start}
             data.save_checkpoint(path, {
                 "config": config, "history": history + [record],
@@ -422,18 +403,22 @@ def train_epochs(run, config, test, path, history, procs):
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else None})
             history.append(record)  # once saved: what the file holds, a stop reports
-            print(f"epoch {epoch:3d}  train loss {loss:.5f}  " + "  ".join(
-                SHOWN[k].format(v) for k, v in shown.items()) +
-                f"  {record['seconds']:.1f} s  {len(images) / seconds:,.0f} img/s")
+            print(f"epoch {epoch:3d}  train loss {loss:.5f}  {shown(scores)}  "
+                  f"{record['seconds']:.1f} s  {len(images) / seconds:,.0f} img/s")
     return 0
 
 
-def finish(path, history, test):
-    """The closing lines of a finished run; a warning if the model made the images worse."""
-    if "noisy_psnr" in test and history[-1]["test_psnr"] < test["noisy_psnr"]:
+def shown(scores):
+    """Scores as the epoch lines show them: 'test PSNR 20.07 dB  SSIM 0.8530'."""
+    return "  ".join(SHOWN[k].format(v) for k, v in scores.items())
+
+
+def finish(path, history, baseline):
+    """The closing lines; a warning if the model made the images worse than the noisy input."""
+    if baseline and history[-1]["test_psnr"] < baseline["test_psnr"]:
         print(f"train.py: warning: the model scores {history[-1]['test_psnr']:.2f} dB, below the "
-              f"noisy input's {test['noisy_psnr']:.2f} dB: it makes images worse (--lr too high?)",
-              file=sys.stderr)
+              f"noisy input's {baseline['test_psnr']:.2f} dB: it makes images worse (--lr too "
+              f"high?)", file=sys.stderr)
     print(f"checkpoint: {path}\ndraw the figure: python visualize.py"
           + ("" if path == DEFAULT_CHECKPOINT else f" --checkpoint {path}"))
     return 0
@@ -441,8 +426,8 @@ def finish(path, history, test):
 
 # ---------------------------------------------------------------- command line
 
-# Flags that define a run. They default to None, so that a resume can tell the ones given (and
-# refuse those that contradict its checkpoint); a new run fills the rest from here.
+# Flags that define a run default to None, so that a resume can tell the ones given (and refuse
+# those that contradict its checkpoint); a new run fills the rest from here.
 RUN_DEFAULTS = {"arch": "basic", "widths": None, "dataset": "mnist", "channels": None,
                 "crop": None, "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant", "seed": 0,
                 "precision": "fp32", "method": "supervised", "clip": "on", "noise": "gaussian",
@@ -454,41 +439,39 @@ def config_noise(config):
     return Noise(config["noise"], config["noise_level"], config["clip"] == "on")
 
 
-def resumed_config(checkpoint, path, given, epochs):
-    """A resume's config: the checkpoint's, which the flags `given` must not contradict
-    (--data-dir may move), with `epochs`. Raises UserError."""
-    old = checkpoint["config"]
-    conflicts = [f"--{k.replace('_', '-')} {v} (it has {old.get(k)})"
-                 for k, v in given.items() if v != old.get(k) and k != "data_dir"]
-    if conflicts:
-        raise data.UserError(f"--resume {path}: flags contradict it: " + "; ".join(conflicts))
-    if epochs <= len(checkpoint["history"]):
-        raise data.UserError(f"--resume {path}: it has {len(checkpoint['history'])} epochs "
-                             f"already; ask for more with --epochs")
-    if old["lr_schedule"] == "onecycle" and epochs != old["epochs"]:
-        raise data.UserError(f"--resume {path}: its onecycle lr schedule spans {old['epochs']} "
-                             f"epochs and cannot be stretched: --epochs {old['epochs']}")
-    return {**old, "epochs": epochs, "data_dir": given.get("data_dir", old["data_dir"])}
-
-
-def new_config(given, epochs):
-    """A new run's config: the flags `given` over RUN_DEFAULTS, checked. Raises UserError."""
+def run_config(given, epochs, checkpoint=None, path=None):
+    """The run's config: a resumed checkpoint's, which the flags `given` must not contradict
+    (--data-dir may move); else `given` over RUN_DEFAULTS, checked. Raises UserError."""
+    if checkpoint:
+        old = checkpoint["config"]
+        conflicts = [f"--{k.replace('_', '-')} {v} (it has {old.get(k)})"
+                     for k, v in given.items() if v != old.get(k) and k != "data_dir"]
+        if conflicts:
+            raise data.UserError(f"--resume {path}: flags contradict it: " + "; ".join(conflicts))
+        if epochs <= len(checkpoint["history"]):
+            raise data.UserError(f"--resume {path}: it has {len(checkpoint['history'])} epochs "
+                                 f"already; ask for more with --epochs")
+        if old["lr_schedule"] == "onecycle" and epochs != old["epochs"]:
+            raise data.UserError(f"--resume {path}: its onecycle lr schedule spans "
+                                 f"{old['epochs']} epochs and cannot be stretched")
+        return {**old, "epochs": epochs, "data_dir": given.get("data_dir", old["data_dir"])}
     config = {**RUN_DEFAULTS, **given, "epochs": epochs}
     kind, folder = config["noise"], config["dataset"] == "folder"
+    level = NOISES[kind][1] if config["noise_level"] is None else config["noise_level"]
     if kind == "none" and (not folder or config["method"] in ("supervised", "noise2noise")):
         raise data.UserError("--noise none is for a --dataset folder of images that are noisy "
                              "already, with --method noise2self or neighbor2neighbor")
+    if kind == "poisson" and min(np.atleast_1d(level)) <= 0:
+        raise data.UserError("--noise-level: a poisson level (photons) must be above 0")
     if config["crop"] is not None and not folder:
         raise data.UserError("--crop is for --dataset folder (the other data sets are used whole)")
-    level = NOISES[kind][1] if config["noise_level"] is None else config["noise_level"]
     return {**config, "noise_level": level, "crop": (config["crop"] or data.DEFAULT_CROP)
             if folder else None, "widths": config["widths"] or list(
                 model.ARCHS[config["arch"]].default_widths)}
 
 
 def output_path(path, resume, overwrite):
-    """The checkpoint this run writes, once it is clear that it can: a run never replaces a
-    file other than the one it resumes without --overwrite. Raises UserError."""
+    """`path`, once it is clear that this run may write it and can. Raises UserError."""
     if os.path.exists(path) and not overwrite and not (resume and os.path.samefile(path, resume)):
         raise data.UserError(f"{path} exists; continue it with --resume {path}, or pass "
                              f"--overwrite or another --checkpoint")
@@ -523,9 +506,10 @@ def noise_level(text):
 
 
 def device_type(name):
-    """argparse type for --device: auto (cuda, then mps, then cpu) or a device that computes."""
+    """argparse type for --device: auto (the accelerator if one is there) or a device that
+    computes."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.mps.is_available() else "cpu"
+        name = torch.accelerator.current_accelerator(check_available=True) or "cpu"
     try:
         return torch.ones(1, device=name).add(1).device
     except Exception as e:  # torch says it in many ways: RuntimeError, AssertionError, ...
@@ -550,62 +534,62 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=number(int, 1), default=10,
                    help="passes over the training set; with --resume, the total (default: 10)")
     p.add_argument("--batch-size", type=number(int, 2), help="images per step (default: 128)")
-    p.add_argument("--lr", type=number(float, 1e-12), help="Adam's learning rate; onecycle's "
-                   "peak (default: 1e-3)")
+    p.add_argument("--lr", type=number(float, 1e-12), help="Adam's learning rate (default: 1e-3)")
     p.add_argument("--lr-schedule", choices=("constant", "onecycle"), help="onecycle: warm up "
                    "to --lr over 25%% of the steps, then decay; try --lr 3e-3 (default: constant)")
     p.add_argument("--dataset", choices=data.DATASETS, help="mnist falls back to mnist-sample "
                    "offline; folder: every PNG/JPEG/TIFF under --data-dir (default: mnist)")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="1 (gray) or 3 (colour): "
-                   "converts the images (default: the data set's own; colour for a folder)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="1 (gray) or 3 (colour) "
+                   "(default: the data set's; colour for a folder)")
     p.add_argument("--crop", type=number(int, 16), help="--dataset folder: train on random "
                    f"crops, test on centre crops of this size (default: {data.DEFAULT_CROP})")
     p.add_argument("--method", choices=METHODS, help="supervised (default): clean images, noise "
                    "added per batch; the others learn from noisy images alone, drawn once")
     p.add_argument("--clip", choices=("on", "off"), help="clip noisy pixels to [0, 1] (default: "
-                   "on; use off with the self-supervised methods: they need zero-mean noise)")
+                   "on; off for the self-supervised methods: they need zero-mean noise)")
     p.add_argument("--arch", choices=model.ARCHS, help="model (default: basic)")
     p.add_argument("--widths", type=lambda t: [number(int, 1, model.MAX_WIDTH)(w) for w in
                                                t.split(",")], help="channels per level, e.g. "
-                   "32,64; each halves the image (default: basic 32,64; deep and unet 16,32)")
-    p.add_argument("--seed", type=number(int, 0, 2 ** 63), help="seeds the weights, data order "
-                   "and noise (default: 0)")
+                   "32,64 (default: basic 32,64; deep and unet 16,32)")
+    p.add_argument("--seed", type=number(int, 0, 2 ** 63), help="seeds weights, data order and "
+                   "noise (default: 0)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: bfloat16 autocast for "
                    "the forward pass; pays on CPUs with AMX and on recent GPUs (default: fp32)")
     add_noise_flags(p)
-    p.add_argument("--checkpoint", help=f"the file to write after every epoch (default: "
+    p.add_argument("--checkpoint", help=f"written after every epoch (default: "
                    f"{DEFAULT_CHECKPOINT}, or the --resume file)")
-    p.add_argument("--resume", metavar="CHECKPOINT",
-                   help="continue this checkpoint's run, exactly, up to --epochs in total")
+    p.add_argument("--resume", metavar="FILE", help="continue its run, exactly, to --epochs")
     p.add_argument("--overwrite", action="store_true", help="let a new run replace --checkpoint")
     p.add_argument("--device", type=device_type, default="auto",
-                   help="auto (cuda, then mps, then cpu), or a name such as cuda:1")
+                   help="auto (cuda or mps if there is one, else cpu), or a name such as cuda:1")
     return p.parse_args(argv)
-
-
-def stop_on_sigterm(signum, frame):
-    """SIGTERM (a job scheduler, kill) stops a run as Ctrl-C does."""
-    raise KeyboardInterrupt("SIGTERM")
 
 
 def main(argv=None):
     """Train, one line per epoch, a checkpoint after each. Returns the exit code: 0; 1 (the loss
     became NaN); 2 (a mistake: one line); 130 / 143 (stopped by Ctrl-C / SIGTERM)."""
     args = parse_args(argv)
+
+    def stop_on_sigterm(signum, frame):  # a job scheduler, kill: stop as Ctrl-C does
+        raise KeyboardInterrupt("SIGTERM")
+
     previous, history = signal.signal(signal.SIGTERM, stop_on_sigterm), []
     try:
-        checkpoint = data.read_checkpoint(args.resume) if args.resume else None
+        procs = join_processes(args.device)
+        resumed = restore(args.resume, procs[2], resume=True) if args.resume else None
+        checkpoint = resumed[0] if resumed else None
         given = {k: v for k, v in vars(args).items() if k in RUN_DEFAULTS and v is not None}
-        config = (resumed_config(checkpoint, args.resume, given, args.epochs) if checkpoint
-                  else new_config(given, args.epochs))
+        config = run_config(given, args.epochs, checkpoint, args.resume)
         path = output_path(args.checkpoint or args.resume or DEFAULT_CHECKPOINT, args.resume,
                            args.overwrite)
-        procs = join_processes(args.device)
-        ds, config, run = setup(config, checkpoint, path, procs)
+        ds, config, run = setup(config, resumed, procs)
         history = checkpoint["history"] if checkpoint else []  # train_epochs appends
-        test = test_set(ds.test.to(procs[2]), config) if procs[0] == 0 else None
-        code = train_epochs(run, config, test, path, history, procs)
-        return finish(path, history, test) if code == 0 and procs[0] == 0 else code
+        score = test_scores(ds.test.to(procs[2]), config) if procs[0] == 0 else None
+        baseline = score(None) if score else None  # what "do nothing" scores
+        if baseline:
+            print(f"noisy input ({config_noise(config)}): {shown(baseline)}")
+        code = train_epochs(run, config, score, path, history, procs)
+        return finish(path, history, baseline) if code == 0 and procs[0] == 0 else code
     except data.UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

@@ -21,30 +21,26 @@ import train
 # Sweep levels per noise type, mildest first (Poisson: fewer photons is noisier).
 SWEEP_LEVELS = {"gaussian": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
                 "speckle": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
-                "salt-pepper": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5],
-                "poisson": [100.0, 50.0, 20.0, 10.0, 5.0, 2.0]}
+                "salt-pepper": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5], "poisson": [100, 50, 20, 10, 5, 2]}
 BLUR_SIGMAS = (0.3, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0)  # Gaussian blur widths (pixels) tried per level
 TUNE_IMAGES = 500  # training images (never scored) on which each level's blur width is chosen
 TILE, TILE_MARGIN = 512, 64  # --image: tiles of bounded memory; context wider than a model sees
 
 
-def as_image(tensor):
-    """C x H x W in [0, 1] -> what imshow wants: H x W (gray) or H x W x C (colour)."""
-    return (tensor[0] if tensor.shape[0] == 1 else tensor.permute(1, 2, 0)).numpy()
-
-
-def draw_comparison(noisy, clean, denoised, title):
-    """Three rows of N x C x H x W images in [0, 1]: noisy, clean, denoised, with PSNR under the
-    noisy and denoised ones; two rows (input, denoised) when `clean` is None. On a fixed 0..1
-    scale, so brightness compares across columns. Returns the matplotlib Figure."""
+def draw_comparison(noisy, clean, denoised, title, inches=1.25):
+    """Rows of N x C x H x W images in [0, 1], `inches` wide each: noisy, clean, denoised, with
+    PSNR under the noisy and denoised ones; input and denoised only when `clean` is None. On a
+    fixed 0..1 scale, so brightness compares across columns. Returns the matplotlib Figure."""
     rows = ([("input", noisy, None), ("denoised", denoised, None)] if clean is None else
             [("noisy", noisy, train.psnr_per_image(noisy, clean)), ("clean", clean, None),
              ("denoised", denoised, train.psnr_per_image(denoised, clean))])
-    fig, axes = plt.subplots(len(rows), len(noisy), squeeze=False,
-                             figsize=(1.25 * len(noisy) + 0.9, 1.55 * len(rows) + 0.3))
+    aspect = noisy.shape[-2] / noisy.shape[-1]
+    fig, axes = plt.subplots(len(rows), len(noisy), squeeze=False, figsize=(
+        inches * len(noisy) + 0.9, (inches * aspect + 0.3) * len(rows) + 0.3))
     for r, (label, images, scores) in enumerate(rows):
         for c, ax in enumerate(axes[r]):
-            ax.imshow(as_image(images[c]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            image = images[c].permute(1, 2, 0).squeeze(2)  # H x W (gray) or H x W x 3
+            ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if scores is not None:
@@ -59,8 +55,7 @@ def draw_comparison(noisy, clean, denoised, title):
 
 
 def median_filter(images, size=3):
-    """scipy's median of each `size` x `size` window per image and channel, edges reflected:
-    N x C x H x W -> N x C x H x W."""
+    """scipy's median of each `size` x `size` window, per image and channel, edges reflected."""
     from scipy import ndimage
 
     return torch.from_numpy(ndimage.median_filter(images.numpy(), size=(1, 1, size, size),
@@ -68,8 +63,7 @@ def median_filter(images, size=3):
 
 
 def gaussian_blur(images, sigma):
-    """torchvision's Gaussian blur of width `sigma` pixels, kernel cut at 3 sigma:
-    N x C x H x W -> N x C x H x W."""
+    """torchvision's Gaussian blur of width `sigma` pixels, the kernel cut at 3 sigma."""
     from torchvision.transforms.v2 import functional as TF
 
     size = 2 * math.ceil(3 * sigma) + 1
@@ -78,9 +72,8 @@ def gaussian_blur(images, sigma):
 
 def sweep(nets, test_clean, tune_clean, kind, levels, clip=True):
     """Score the noisy input, a 3x3 median filter, a Gaussian blur (its width tuned on
-    `tune_clean`, never scored) and each model of `nets` ({name: model}) at each noise level,
-    all on the same noise draw of `test_clean`. Returns one dict per level:
-    {"level", "blur_sigma", "scores": {method: (PSNR, SSIM)}}."""
+    `tune_clean`) and each of `nets` ({name: model}) at each level, on one noise draw of
+    `test_clean`: a dict per level, {"level", "blur_sigma", "scores": {name: (PSNR, SSIM)}}."""
     rows = []
     for level in levels:
         noise = train.Noise(kind, level, clip)
@@ -128,8 +121,7 @@ def draw_sweep(rows, kind, title):
 
 
 def draw_curves(history, title):
-    """Training loss (log scale) and test PSNR (a --noise none run: its held-out loss) against
-    epoch, from a checkpoint's history."""
+    """Training loss and test PSNR (--noise none: held-out loss) per epoch, from a history."""
     score = "test_psnr" if "test_psnr" in history[0] else "test_loss"
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -150,10 +142,9 @@ def draw_curves(history, title):
 
 
 def denoise_tiled(net, image, tile=TILE, margin=TILE_MARGIN):
-    """Denoise a C x H x W image of any size in bounded memory, tile by tile, each with `margin`
-    pixels of context on every side that are denoised and dropped, so that the tiles join
-    without seams. Tiles start on multiples of the model's size multiple, so each sees the
-    same pixel grid as the whole image would. Returns C x H x W."""
+    """Denoise a C x H x W image in bounded memory, tile by tile, each with `margin` pixels of
+    context that are dropped, so that tiles join without seams; they start on multiples of the
+    model's size multiple, so each sees the pixel grid the whole image would."""
     (h, w), multiple = image.shape[-2:], model.size_multiple(net.widths)
     if h <= tile + 2 * margin and w <= tile + 2 * margin:
         return train.denoise(net, image[None])[0]
@@ -170,9 +161,8 @@ def denoise_tiled(net, image, tile=TILE, margin=TILE_MARGIN):
 
 
 def denoise_planes(net, image, channels):
-    """Denoise a C x H x W image in its own channels with a model of `channels` channels: a gray
-    model denoises each colour plane as a gray image; a colour model sees a gray image in all
-    three, and its output is turned back to gray. Returns C x H x W."""
+    """Denoise a C x H x W image in its own channels with a model of `channels`: a gray model
+    denoises each colour plane; a colour model sees a gray image in all three, turned back."""
     if len(image) == channels:
         return denoise_tiled(net, image)
     if channels == 1:
@@ -180,28 +170,14 @@ def denoise_planes(net, image, channels):
     return data.convert_channels(denoise_tiled(net, image.expand(3, -1, -1)), 1)
 
 
-def draw_side_by_side(noisy, denoised, title):
-    """Input | denoised, side by side, on a fixed 0..1 scale."""
-    h, w = noisy.shape[-2:]
-    fig, axes = plt.subplots(1, 2, figsize=(min(12, 10 * w / max(h, w) + 0.6), 5.4))
-    for ax, image, label in zip(axes, (noisy, denoised), ("input", "denoised")):
-        ax.imshow(as_image(image), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(label)
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=10, wrap=True)
-    fig.tight_layout()
-    return fig
-
-
 # ---------------------------------------------------------------- the commands
 
 
 def model_name(config):
-    """How figures name a model: 'basic, gaussian 0.5', 'unet 8/16 noise2self, gaussian 0.5'."""
-    default = list(model.ARCHS[config["arch"]].default_widths) == list(config["widths"])
-    return (config["arch"] + ("" if default else " " + "/".join(map(str, config["widths"])))
-            + ("" if config["method"] == "supervised" else f" {config['method']}")
-            + f", {train.config_noise(config)}")
+    """How figures name a model: 'basic 32/64, gaussian 0.5', 'unet 16/32 noise2self, ...'."""
+    return (f"{config['arch']} {'/'.join(map(str, config['widths']))}" + (
+        "" if config["method"] == "supervised" else f" {config['method']}")
+        + f", {train.config_noise(config)}")
 
 
 def save_figure(fig, path):
@@ -218,8 +194,8 @@ def save_figure(fig, path):
 
 
 def figure(net, config, ds, noise, n, seed):
-    """The default figure: `n` test images (picked by `seed`) under the fixed noise draw that
-    train.py scores. Returns (figure, title)."""
+    """The default figure, (figure, title): `n` test images picked by `seed`, with the noise
+    that train.py scores them with."""
     idx = torch.randperm(len(ds.test), generator=torch.Generator().manual_seed(seed))[:n]
     clean, noisy = ds.test[idx], train.fixed_noisy_test_set(ds.test, noise)[idx]  # n x C x H x W
     denoised, title = train.denoise(net, noisy), f"{model_name(config)}; {ds.name}, noise {noise}"
@@ -231,19 +207,9 @@ def figure(net, config, ds, noise, n, seed):
     return draw_comparison(noisy, clean, denoised, title), title
 
 
-def sweep_figure(nets, config, ds, kind, levels):
-    """--sweep: prints the markdown table; returns (figure, title)."""
-    tune = data.epoch_images(ds.train, config["crop"], train.seeded(0, 0))[:TUNE_IMAGES]
-    rows = sweep(nets, ds.test, tune, kind, levels or SWEEP_LEVELS[kind], config["clip"] == "on")
-    print(f"{ds.name}: {len(ds.test):,} test images, one noise draw for every method; blur "
-          f"width tuned per level on {len(tune)} training images\n{sweep_table(rows, kind)}")
-    title = f"{ds.name}, {kind} noise, {len(ds.test):,} test images"
-    return draw_sweep(rows, kind, title), title
-
-
 def denoise_file(net, config, path, out, overwrite):
     """--image PATH: the denoised image in the file's channels and bit depth (NAME_denoised.png,
-    or .tif for a TIFF), and an input | denoised figure beside it (..._compare.png)."""
+    or .tif), and a figure of both beside it (NAME_denoised_compare.png)."""
     name, suffix = os.path.splitext(os.path.basename(path))
     out = out or name + "_denoised" + (".tif" if suffix.lower() in data.TIFF_SUFFIXES else ".png")
     compare = f"{os.path.splitext(out)[0]}_compare.png"
@@ -259,15 +225,16 @@ def denoise_file(net, config, path, out, overwrite):
     except OSError as e:
         raise data.UserError(f"cannot write {out}: {e}") from e
     title = f"{path} ({image.shape[-1]}x{image.shape[-2]}), {model_name(config)}"
-    save_figure(draw_side_by_side(image, denoised, title), compare)
+    inches = 6 * min(1, image.shape[-1] / image.shape[-2])  # a tall image: narrower
+    save_figure(draw_comparison(image[None], None, denoised[None], title, inches), compare)
     print(f"denoised: {out} ({8 if pixels.dtype == torch.uint8 else 16}-bit, {len(pixels)} "
-          f"channels); side by side: {compare}")
+          f"channels); both: {compare}")
 
 
 def run(args):
     """Load the checkpoint (and the --with ones) and draw what the flags ask for."""
-    checkpoint = data.read_checkpoint(args.checkpoint)
-    config, net = checkpoint["config"], train.restore(checkpoint, args.checkpoint, "cpu")[0]
+    checkpoint, net = train.restore(args.checkpoint, "cpu")
+    config = checkpoint["config"]
     if args.image:
         return denoise_file(net, config, args.image, args.out, args.overwrite)
     if args.curves:
@@ -285,18 +252,21 @@ def run(args):
     print(ds.note)
     if args.sweep:
         nets = {model_name(config): net}
-        for path in args.others:
-            other = data.read_checkpoint(path)
-            nets[f"{model_name(other['config'])} ({os.path.basename(path)})"] = train.restore(
-                other, path, "cpu")[0]
-            if other["config"]["channels"] != config["channels"]:
-                raise data.UserError(f"--with {path} has other channels than {args.checkpoint}")
-        fig, title = sweep_figure(nets, config, ds, kind, args.levels)
+        for path in args.others:  # more models to score beside it
+            other, other_net = train.restore(path, "cpu")
+            nets[f"{model_name(other['config'])} ({os.path.basename(path)})"] = other_net
+        tune = data.epoch_images(ds.train, config["crop"], train.seeded(0, 0))[:TUNE_IMAGES]
+        rows = sweep(nets, ds.test, tune, kind, args.levels or SWEEP_LEVELS[kind],
+                     config["clip"] == "on")
+        print(sweep_table(rows, kind))
+        title = (f"{ds.name}, {kind} noise, {len(ds.test):,} test images, one noise draw for "
+                 f"all; blur width tuned on {len(tune)} training images")
+        fig = draw_sweep(rows, kind, title)
     else:
         noise = train.Noise(kind, level, config["clip"] == "on")
         fig, title = figure(net, config, ds, noise, args.n, args.seed)
-    print(f"figure: {save_figure(fig, args.out or ('sweep.png' if args.sweep else 'denoising.png'))}"
-          f" ({title})")
+    out = save_figure(fig, args.out or ("sweep.png" if args.sweep else "denoising.png"))
+    print(f"figure: {out} ({title})")
 
 
 def parse_args(argv=None):

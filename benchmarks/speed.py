@@ -127,7 +127,7 @@ def main(argv=None):
     print(ds.note)
     steps = min(args.steps, len(ds.train) // 128)  # both loops: batches of 128
     torch.manual_seed(0)
-    initial = model.build_model(train.new_config({"channels": 1}, 1)).to(args.device)  # copied
+    initial = model.build_model(train.run_config({"channels": 1}, 1)).to(args.device)  # copied
 
     print(f"model: basic (train.py's), {steps} steps of 128 images per run, "
           f"{args.device}, {torch.get_num_threads()} threads")
