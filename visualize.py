@@ -174,10 +174,11 @@ def denoise_planes(net, image, channels):
 
 
 def model_name(config):
-    """How figures name a model: 'basic 32/64, gaussian 0.5', 'unet 16/32 noise2self, ...'."""
+    """How figures name a model: 'basic 32/64 (gaussian 0.5)', 'unet 16/32 noise2self (...)'."""
+    noise = train.config_noise(config)
     return (f"{config['arch']} {'/'.join(map(str, config['widths']))}" + (
         "" if config["method"] == "supervised" else f" {config['method']}")
-        + f", {train.config_noise(config)}")
+        + ("" if noise.kind == "none" else f" ({noise})"))
 
 
 def save_figure(fig, path):
@@ -198,12 +199,12 @@ def figure(net, config, ds, noise, n, seed):
     that train.py scores them with."""
     idx = torch.randperm(len(ds.test), generator=torch.Generator().manual_seed(seed))[:n]
     clean, noisy = ds.test[idx], train.fixed_noisy_test_set(ds.test, noise)[idx]  # n x C x H x W
-    denoised, title = train.denoise(net, noisy), f"{model_name(config)}; {ds.name}, noise {noise}"
+    denoised = train.denoise(net, noisy)  # n x C x H x W
     if noise.kind == "none":  # nothing clean to show or score
-        title += ": held-out images as they are, and denoised"
+        title = f"{ds.name} held-out images as they are, and denoised by {model_name(config)}"
         return draw_comparison(noisy, None, denoised, title), title
-    title += (f": mean PSNR {train.psnr(noisy, clean):.1f} dB noisy -> "
-              f"{train.psnr(denoised, clean):.1f} dB denoised")
+    title = (f"{ds.name}, noise {noise}: mean PSNR {train.psnr(noisy, clean):.1f} dB noisy -> "
+             f"{train.psnr(denoised, clean):.1f} dB denoised by {model_name(config)}")
     return draw_comparison(noisy, clean, denoised, title), title
 
 
