@@ -147,7 +147,7 @@ def read_image(path):
 
 def write_image(path, pixels):
     """Save C x H x W pixels (uint8: an 8-bit file; uint16: 16-bit) atomically as PNG, JPEG
-    (8-bit only) or TIFF, by the suffix. Raises UserError or OSError."""
+    (8-bit only) or TIFF, by the suffix. Raises UserError."""
     import imagecodecs
     import tifffile
     from torchvision.io import encode_jpeg
@@ -228,20 +228,12 @@ def random_crops(images, size, copies, generator):
     return torch.stack(crops)
 
 
-def images_per_epoch(train):
-    """How many images one epoch shows: the data set's, or for a folder (a list of images),
-    as many crops of each image as make MIN_CROPS_PER_EPOCH."""
-    if isinstance(train, torch.Tensor):
-        return len(train)
-    return len(train) * math.ceil(MIN_CROPS_PER_EPOCH / len(train))
-
-
 def epoch_images(train, crop, generator):
     """The training images of one epoch: the tensor itself for the built-in sets; for a folder
-    (a list of images), fresh random `crop` x `crop` crops, drawn by `generator`."""
+    (a list of images), fresh random crops, MIN_CROPS_PER_EPOCH or a few more."""
     if isinstance(train, torch.Tensor):
         return train
-    return random_crops(train, crop, images_per_epoch(train) // len(train), generator)
+    return random_crops(train, crop, math.ceil(MIN_CROPS_PER_EPOCH / len(train)), generator)
 
 
 # ---------------------------------------------------------------- writing files safely
@@ -249,27 +241,27 @@ def epoch_images(train, crop, generator):
 
 def atomic_write(path, write):
     """Call write(binary file) on a temporary file beside `path`, flush it to disk, then rename
-    it over `path`: a crash, a kill or a full disk leaves the previous file whole."""
+    it over `path`: a crash, a kill or a full disk leaves the previous file whole. An OSError
+    (no room, no permission) is a UserError."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e}); the file is as it was") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def save_checkpoint(path, checkpoint):
-    """Write a checkpoint (a dict of tensors and plain values) atomically. torch.save writes
-    into memory first, so a full disk fails in the write, as an OSError. Raises UserError."""
+    """Write a checkpoint (a dict of tensors and plain values) atomically; serialised in memory
+    first, so that a full disk fails in the write (torch's zip writer would fail unclearly)."""
     blob = io.BytesIO()
     torch.save({**checkpoint, "format": CHECKPOINT_FORMAT}, blob)
-    try:
-        atomic_write(path, lambda f: f.write(blob.getbuffer()))
-    except OSError as e:
-        raise UserError(f"cannot write checkpoint {path} ({e}); the file is as it was") from e
+    atomic_write(path, lambda f: f.write(blob.getbuffer()))

@@ -54,24 +54,6 @@ class Denoiser(nn.Module):
         return self.run(x)[..., :h, :w]
 
 
-class BasicAutoencoder(Denoiser):
-    """Stride-2 convolutions down, transposed ones up, each with BatchNorm and ReLU, a sigmoid
-    out (two levels: 28 -> 14 -> 7 -> 14 -> 28)."""
-
-    default_widths = (32, 64)
-
-    def __init__(self, channels=1, widths=default_widths):
-        super().__init__()
-        self.widths, layers, c = tuple(widths), [], channels
-        for w in widths:  # each level halves H and W
-            layers += conv_bn_relu(c, w, stride=2)
-            c = w
-        for w in reversed(widths[:-1]):  # mirror image: each level doubles H and W
-            layers += up_bn_relu(c, w)
-            c = w
-        self.run = nn.Sequential(*layers, subpixel_head(c, channels))
-
-
 class Residual(nn.Module):
     """x + f(x): the block can start as (almost) the identity, so depth does not make the
     gradient vanish on its way to the first layers."""
@@ -86,24 +68,30 @@ class Residual(nn.Module):
 
 
 class DeepAutoencoder(Denoiser):
-    """The basic autoencoder with `blocks` residual conv-BN-ReLU blocks at every scale, on both
-    the way down and the way up (no skip connections between them)."""
+    """Stride-2 convolutions down, transposed ones up, each with BatchNorm and ReLU, a sigmoid
+    out, and `blocks` residual conv-BN-ReLU blocks at every scale, on both ways."""
 
-    default_widths = (16, 32)
+    default_widths, blocks = (16, 32), 2
 
-    def __init__(self, channels=1, widths=default_widths, blocks=2):
+    def __init__(self, channels=1, widths=None):
         super().__init__()
-        self.widths, layers, c = tuple(widths), [], channels
-        for w in widths:
+        self.widths, layers, c = tuple(widths or self.default_widths), [], channels
+        for w in self.widths:  # each level halves H and W
             layers += conv_bn_relu(c, w, stride=2)
-            layers += [Residual(*conv_bn_relu(w, w)) for _ in range(blocks)]
+            layers += [Residual(*conv_bn_relu(w, w)) for _ in range(self.blocks)]
             c = w
-        for w in reversed(widths[:-1]):
-            layers += [Residual(*conv_bn_relu(c, c)) for _ in range(blocks)]
+        for w in reversed(self.widths[:-1]):  # mirror image: each level doubles H and W
+            layers += [Residual(*conv_bn_relu(c, c)) for _ in range(self.blocks)]
             layers += up_bn_relu(c, w)
             c = w
-        layers += [Residual(*conv_bn_relu(c, c)) for _ in range(blocks)]
+        layers += [Residual(*conv_bn_relu(c, c)) for _ in range(self.blocks)]
         self.run = nn.Sequential(*layers, subpixel_head(c, channels))
+
+
+class BasicAutoencoder(DeepAutoencoder):
+    """The deep autoencoder without residual blocks: 28 -> 14 -> 7 -> 14 -> 28 with two levels."""
+
+    default_widths, blocks = (32, 64), 0
 
 
 class UNet(Denoiser):
@@ -117,7 +105,7 @@ class UNet(Denoiser):
     def __init__(self, channels=1, widths=default_widths):
         super().__init__()
         self.widths, self.down, c = tuple(widths), nn.ModuleList(), 4 * channels
-        for i, w in enumerate(widths):  # level 0 is already at half size: stride 1
+        for i, w in enumerate(self.widths):  # level 0 is already at half size: stride 1
             self.down.append(nn.Sequential(*conv_bn_relu(c, w, 1 if i == 0 else 2),
                                            *conv_bn_relu(w, w)))
             c = w
@@ -151,11 +139,6 @@ def build_model(config):
         raise ValueError(f"a model of {channels} channels and widths {widths} is out of range "
                          f"(channels 1-{MAX_CHANNELS}, 1-{MAX_LEVELS} widths of 1-{MAX_WIDTH})")
     return ARCHS[config["arch"]](channels, tuple(widths))
-
-
-def count_parameters(net):
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
 def load_model(path):

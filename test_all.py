@@ -416,6 +416,8 @@ def test_bad_flags_are_one_line_and_exit_2(capsys):
                           (["--batch-size", "1"], "--batch-size"), (["--noise", "pink"], "pink"),
                           (["--noise-level", "0.5:0.1"], "LO <= HI"),
                           (["--widths", "8,0"], "--widths"), (["--device", "cuda:7"], "--device"),
+                          (["--widths", "8,8,8,8,8"], "at most 4 levels"),
+                          (["--dataset", "folder", "--crop", "33"], "an even number"),
                           (["--crop", "32"], "--crop is for --dataset folder"),
                           (["--dataset", "folder", "--data-dir", "nowhere"], "not a folder")]:
         exits_2(train.main, argv, capsys, message)
@@ -447,7 +449,7 @@ def test_flags_are_recorded_and_a_worse_model_is_warned_about(tmp_path, capsys):
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(one_epoch):
-    a, (_, b) = model.load_model(str(one_epoch)), train.restore(str(one_epoch), "cpu")
+    a, b = model.load_model(str(one_epoch)), train.restore(str(one_epoch), "cpu")[1]
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():  # b is channels-last, as train.py runs it: other kernels
         assert torch.allclose(a(x), b(x), atol=1e-6)
@@ -469,7 +471,10 @@ def test_every_broken_checkpoint_is_one_line_and_exit_2(tmp_path, one_epoch, cap
              "other-widths": lambda p: torch.save({**good, "config": {**good["config"],
                                                                       "widths": [8, 8]}}, p),
              "huge": lambda p: torch.save({**good, "config": {**good["config"],
-                                                              "widths": [4096] * 8}}, p)}
+                                                              "widths": [4096] * 8}}, p),
+             "no-history": lambda p: torch.save({**good, "history": []}, p),
+             "no-method": lambda p: torch.save({**good, "config": {
+                 k: v for k, v in good["config"].items() if k != "method"}}, p)}
     for name, write in cases.items():
         path = tmp_path / f"{name}.pt"
         if write:
@@ -605,6 +610,9 @@ def test_figures_go_only_to_figure_files_and_never_block(one_epoch, capsys):
                 "name a figure file")
     exits_2(visualize.main, ["--checkpoint", one_epoch, "--image", "pipe.png"], capsys,
             "not a regular file")
+    open("gone_denoised.png", "w").close()  # an output of a missing input
+    exits_2(visualize.main, ["--checkpoint", one_epoch, "--image", "gone.png"], capsys,
+            "not a regular file")
     exits_2(visualize.main, ["--checkpoint", "missing.pt"], capsys, "run python train.py first")
     assert visualize.main(["--checkpoint", str(one_epoch), "--curves", "--out", "c.pdf"]) == 0
 
@@ -659,8 +667,13 @@ def test_a_full_disk_while_drawing_keeps_the_previous_figure(one_epoch, monkeypa
     assert visualize.main(["--checkpoint", str(one_epoch), "--curves"]) == 0
     before = open("curves.png", "rb").read()
 
-    def full(path, write):
-        raise OSError(28, "No space left on device")
+    real = data.atomic_write
+
+    def full(path, write):  # the disk fills up in the middle of the figure
+        def half(f):
+            f.write(b"\x89PNG half a figure")
+            raise OSError(28, "No space left on device")
+        return real(path, half)
 
     monkeypatch.setattr(data, "atomic_write", full)
     exits_2(visualize.main, ["--checkpoint", one_epoch, "--curves"], capsys, "No space left")

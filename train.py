@@ -131,9 +131,8 @@ def neighbor2neighbor_loss(net, noisy, noise, generator):
     which corrects for the two pixels not sharing one clean value."""
     b, _, h, w = noisy.shape
     first = torch.randint(0, 4, (b, 1, h // 2, w // 2), generator=generator,
-                          device=generator.device).to(noisy.device)  # cell index 0..3
-    side = torch.randint(0, 2, first.shape, generator=generator,
-                         device=generator.device).to(noisy.device)
+                          device=noisy.device)  # cell index 0..3
+    side = torch.randint(0, 2, first.shape, generator=generator, device=noisy.device)
     second = torch.where(side.bool(), first ^ 1, first ^ 2)  # 0-1 and 2-3 row, 0-2 and 1-3 column
 
     def pick(images, index):  # B x C x H x W -> B x C x H/2 x W/2
@@ -161,8 +160,7 @@ def training_images(images, method, noise, seed):
     generator, draws = seeded(seed, 0), 2 if method == "noise2noise" else 1
 
     def noisy(x):  # N x C x H x W -> N x C x H x W, or N x 2 x C x H x W
-        copies = [add_noise(x, noise, generator) for _ in range(draws)]
-        return copies[0] if draws == 1 else torch.stack(copies, 1)
+        return torch.stack([add_noise(x, noise, generator) for _ in range(draws)], 1).squeeze(1)
 
     return noisy(images) if isinstance(images, torch.Tensor) else [noisy(x[None])[0]
                                                                    for x in images]
@@ -195,8 +193,8 @@ def train_epoch(net, optimizer, images, order, generator, *, noise, batch_size, 
     net.train()
     rank, processes = share
     total, count = torch.zeros((), device=images.device), 0  # summed on the device: no sync
-    for idx in batches(order, batch_size, processes):
-        idx = idx[rank::processes].to(images.device)  # B / processes
+    for idx in batches(order.to(images.device), batch_size, processes):
+        idx = idx[rank::processes]  # B / processes
         total += train_step(net, optimizer, images[idx], noise, generator, loss=loss,
                             amp=amp) * len(idx)
         count += len(idx)
@@ -242,30 +240,24 @@ def fixed_noisy_test_set(clean, noise):
     return noisy.to(clean.device)  # N x C x H x W
 
 
-def inference(net, device_type, amp, work):
-    """work() in eval mode, without autograd, in bfloat16 if `amp`; the mode is restored."""
-    was_training, _ = net.training, net.eval()
-    try:
-        with torch.no_grad(), torch.autocast(device_type, torch.bfloat16, enabled=amp):
-            return work()
-    finally:
-        net.train(was_training)
-
-
 def denoise(net, noisy, amp=False):
-    """The model's output for `noisy` (N x C x H x W), batch by batch, as float32."""
-    return inference(net, noisy.device.type, amp, lambda: torch.cat(
-        [net(chunk).float() for chunk in noisy.split(EVAL_BATCH_SIZE)]))
+    """The model's output for `noisy` (N x C x H x W), batch by batch, as float32; the model
+    is left in eval mode (train_epoch sets training mode again)."""
+    net.eval()
+    with torch.no_grad(), torch.autocast(noisy.device.type, torch.bfloat16, enabled=amp):
+        return torch.cat([net(chunk).float() for chunk in noisy.split(EVAL_BATCH_SIZE)])
 
 
 def heldout_loss(net, noisy, loss, amp=False):
-    """A self-supervised `loss` on held-out noisy images (N x C x H x W), averaged over
-    HELDOUT_DRAWS fixed draws of its hidden pixels: the score of a run with no clean image."""
-    generator = torch.Generator(noisy.device).manual_seed(TEST_NOISE_SEED)
-    chunks = noisy.split(EVAL_BATCH_SIZE) * HELDOUT_DRAWS
-    return inference(net, noisy.device.type, amp, lambda: sum(
-        loss(net, chunk, None, generator).item() * len(chunk) for chunk in chunks)) / (
-        HELDOUT_DRAWS * len(noisy))
+    """A self-supervised `loss` on held-out noisy images (N x C x H x W), in eval mode, averaged
+    over HELDOUT_DRAWS fixed draws of its hidden pixels: the score of a run with no clean image."""
+    generator, chunks = torch.Generator(noisy.device), noisy.split(EVAL_BATCH_SIZE)
+    generator.manual_seed(TEST_NOISE_SEED)
+    net.eval()
+    with torch.no_grad(), torch.autocast(noisy.device.type, torch.bfloat16, enabled=amp):
+        total = sum(loss(net, chunk, None, generator).item() * len(chunk)
+                    for chunk in chunks * HELDOUT_DRAWS)
+    return total / (HELDOUT_DRAWS * len(noisy))
 
 
 # ---------------------------------------------------------------- checkpoints and the run
@@ -283,15 +275,18 @@ def make_optimizer(net, config, steps_per_epoch):
 def restore(path, device, resume=False):
     """(checkpoint, model, optimizer, lr schedule) from the file at `path`, read with
     torch.load(weights_only=True), which builds tensors and plain values only: a file that
-    would run code when unpickled is refused. The optimizer and schedule (None unless `resume`)
-    are as the run left them. Everything that uses the file is in one try: one UserError."""
+    would run code when unpickled is refused. With `resume`, the optimizer and schedule are
+    as the run left them. Everything that uses the file is in one try: one UserError."""
     if not os.path.isfile(path):  # a FIFO would block
         raise data.UserError(f"checkpoint {path} is not a file; run python train.py first")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != data.CHECKPOINT_FORMAT:
             raise ValueError("not written by this version of train.py: train the model again")
-        config = checkpoint["config"]
+        config, history = checkpoint["config"], checkpoint["history"]
+        missing = ({*RUN_DEFAULTS, "epochs", "steps_per_epoch"} - set(config)) or not history
+        if missing or config["method"] not in METHODS or config["noise"] not in NOISES:
+            raise ValueError(f"its config or history is incomplete or foreign ({missing})")
         net = model.build_model(config).to(device, memory_format=torch.channels_last)
         net.load_state_dict(checkpoint["model"])
         optimizer, scheduler = make_optimizer(net, config, config["steps_per_epoch"])
@@ -299,7 +294,7 @@ def restore(path, device, resume=False):
             optimizer.load_state_dict(checkpoint["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(checkpoint["scheduler"])
-        return (checkpoint, net, optimizer, scheduler) if resume else (checkpoint, net.eval())
+        return checkpoint, net.train(resume), optimizer, scheduler
     except Exception as e:  # damaged or crafted files fail in many ways; none may run on
         why = ("damaged, or it would run code when loaded: refused" if isinstance(
             e, pickle.UnpicklingError) else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
@@ -329,8 +324,8 @@ def setup(config, resumed, procs):
     config = {**config, "dataset": ds.name, "channels": ds.test.shape[1]}
     torch.manual_seed(config["seed"])  # the initial weights
     train = training_images(ds.train, config["method"], config_noise(config), config["seed"])
-    steps = len(batches(torch.arange(data.images_per_epoch(train)), config["batch_size"],
-                        processes))
+    size = len(data.epoch_images(train, config["crop"], seeded(config["seed"], 1)))
+    steps = len(batches(torch.arange(size), config["batch_size"], processes))
     if steps == 0:
         raise data.UserError(f"--batch-size {config['batch_size']} cannot give each of "
                              f"{processes} processes 2 images")
@@ -349,9 +344,9 @@ def setup(config, resumed, procs):
         net = torch.nn.parallel.DistributedDataParallel(net)
     if rank == 0:
         print(f"{ds.note}\nmodel: {config['arch']} {config['widths']}, "
-              f"{model.count_parameters(net):,} parameters, {device} x {processes}, {steps} steps "
-              f"per epoch, {config['method']}, lr {config['lr']:g} {config['lr_schedule']}, "
-              f"{config['precision']}")
+              f"{sum(p.numel() for p in net.parameters()):,} parameters, {device} x {processes}, "
+              f"{steps} steps per epoch, {config['method']}, lr {config['lr']:g} "
+              f"{config['lr_schedule']}, {config['precision']}")
     return ds, config, (net, optimizer, scheduler, train.to(device) if isinstance(
         train, torch.Tensor) else train)
 
@@ -373,7 +368,7 @@ def test_scores(images, config):
 
 def train_epochs(run, config, score, path, history, procs):
     """Train to config["epochs"]; rank 0 scores, saves, appends to `history` and prints after
-    each epoch. Returns the exit code: 0, or 1 if the loss became NaN."""
+    each epoch. Raises FloatingPointError if the loss becomes NaN or infinite."""
     (net, optimizer, scheduler, train), (rank, processes, device) = run, procs
     for epoch in range(len(history) + 1, config["epochs"] + 1):
         start, generator = time.perf_counter(), seeded(config["seed"], epoch)
@@ -389,9 +384,8 @@ def train_epochs(run, config, score, path, history, procs):
             torch.distributed.all_reduce(loss)
             loss = loss.item() / processes
         if not math.isfinite(loss):
-            print(f"train.py: error: the loss became {loss} in epoch {epoch} (lr "
-                  f"{config['lr']:g}); stopped, {path} keeps epoch {epoch - 1}", file=sys.stderr)
-            return 1
+            raise FloatingPointError(f"the loss became {loss} in epoch {epoch} (--lr "
+                                     f"{config['lr']:g} too high?)")
         if rank == 0:
             seconds, unwrapped = time.perf_counter() - start, getattr(net, "module", net)
             scores = score(unwrapped)
@@ -405,7 +399,6 @@ def train_epochs(run, config, score, path, history, procs):
             history.append(record)  # once saved: what the file holds, a stop reports
             print(f"epoch {epoch:3d}  train loss {loss:.5f}  {shown(scores)}  "
                   f"{record['seconds']:.1f} s  {len(images) / seconds:,.0f} img/s")
-    return 0
 
 
 def shown(scores):
@@ -463,8 +456,10 @@ def run_config(given, epochs, checkpoint=None, path=None):
                              "already, with --method noise2self or neighbor2neighbor")
     if kind == "poisson" and min(np.atleast_1d(level)) <= 0:
         raise data.UserError("--noise-level: a poisson level (photons) must be above 0")
-    if config["crop"] is not None and not folder:
-        raise data.UserError("--crop is for --dataset folder (the other data sets are used whole)")
+    if config["crop"] is not None and (not folder or config["crop"] % 2):
+        raise data.UserError("--crop is for --dataset folder, an even number of pixels")
+    if len(config["widths"] or []) > model.MAX_LEVELS:
+        raise data.UserError(f"--widths: at most {model.MAX_LEVELS} levels")
     return {**config, "noise_level": level, "crop": (config["crop"] or data.DEFAULT_CROP)
             if folder else None, "widths": config["widths"] or list(
                 model.ARCHS[config["arch"]].default_widths)}
@@ -506,14 +501,16 @@ def noise_level(text):
 
 
 def device_type(name):
-    """argparse type for --device: auto (the accelerator if one is there) or a device that
-    computes."""
-    if name == "auto":
-        name = torch.accelerator.current_accelerator(check_available=True) or "cpu"
+    """argparse type for --device: auto (the accelerator if there is one) or a device here."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
     try:
-        return torch.ones(1, device=name).add(1).device
-    except Exception as e:  # torch says it in many ways: RuntimeError, AssertionError, ...
-        raise argparse.ArgumentTypeError(f"{name!r} cannot be used ({type(e).__name__})")
+        device = torch.device(name if name != "auto" else accelerator or "cpu")
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    if device.type != "cpu" and (device.type != getattr(accelerator, "type", None) or (
+            device.index or 0) >= torch.accelerator.device_count()):  # no allocation: torchrun
+        raise argparse.ArgumentTypeError(f"{name!r} is not on this machine")  # picks its GPU
+    return device
 
 
 def add_noise_flags(parser):
@@ -535,8 +532,8 @@ def parse_args(argv=None):
                    help="passes over the training set; with --resume, the total (default: 10)")
     p.add_argument("--batch-size", type=number(int, 2), help="images per step (default: 128)")
     p.add_argument("--lr", type=number(float, 1e-12), help="Adam's learning rate (default: 1e-3)")
-    p.add_argument("--lr-schedule", choices=("constant", "onecycle"), help="onecycle: warm up "
-                   "to --lr over 25%% of the steps, then decay; try --lr 3e-3 (default: constant)")
+    p.add_argument("--lr-schedule", choices=("constant", "onecycle"), help="onecycle: torch's "
+                   "OneCycleLR, up to --lr in 30%% of the steps, then down; try --lr 3e-3")
     p.add_argument("--dataset", choices=data.DATASETS, help="mnist falls back to mnist-sample "
                    "offline; folder: every PNG/JPEG/TIFF under --data-dir (default: mnist)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="1 (gray) or 3 (colour) "
@@ -551,8 +548,8 @@ def parse_args(argv=None):
     p.add_argument("--widths", type=lambda t: [number(int, 1, model.MAX_WIDTH)(w) for w in
                                                t.split(",")], help="channels per level, e.g. "
                    "32,64 (default: basic 32,64; deep and unet 16,32)")
-    p.add_argument("--seed", type=number(int, 0, 2 ** 63), help="seeds weights, data order and "
-                   "noise (default: 0)")
+    p.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), help="seeds weights, data order "
+                   "and noise (default: 0)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: bfloat16 autocast for "
                    "the forward pass; pays on CPUs with AMX and on recent GPUs (default: fp32)")
     add_noise_flags(p)
@@ -573,7 +570,8 @@ def main(argv=None):
     def stop_on_sigterm(signum, frame):  # a job scheduler, kill: stop as Ctrl-C does
         raise KeyboardInterrupt("SIGTERM")
 
-    previous, history = signal.signal(signal.SIGTERM, stop_on_sigterm), []
+    previous, history, path, done = signal.signal(signal.SIGTERM, stop_on_sigterm), [], None, 0
+    speak = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     try:
         procs = join_processes(args.device)
         resumed = restore(args.resume, procs[2], resume=True) if args.resume else None
@@ -584,22 +582,27 @@ def main(argv=None):
                            args.overwrite)
         ds, config, run = setup(config, resumed, procs)
         history = checkpoint["history"] if checkpoint else []  # train_epochs appends
+        done = len(history)  # the epochs before this run
         score = test_scores(ds.test.to(procs[2]), config) if procs[0] == 0 else None
         baseline = score(None) if score else None  # what "do nothing" scores
         if baseline:
             print(f"noisy input ({config_noise(config)}): {shown(baseline)}")
-        code = train_epochs(run, config, score, path, history, procs)
-        return finish(path, history, baseline) if code == 0 and procs[0] == 0 else code
+        train_epochs(run, config, score, path, history, procs)
+        return finish(path, history, baseline) if speak else 0
     except data.UserError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if speak:
+            print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        why = e.args[0] if e.args else "SIGINT"
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
-            print(f"train.py: stopped by {why}; " + (
-                f"{path} keeps epoch {len(history)}; resume with: train.py --resume {path} "
-                f"--epochs {args.epochs}" if history else "nothing saved"), file=sys.stderr)
-        return 143 if why == "SIGTERM" else 130
+    except (KeyboardInterrupt, FloatingPointError) as e:  # the last saved epoch is whole
+        stopped = isinstance(e, KeyboardInterrupt)
+        last = path if len(history) > done else args.resume  # the file with the last epoch
+        why = f"stopped by {e.args[0] if e.args else 'SIGINT'}" if stopped else f"error: {e}"
+        kept = f"{last} keeps epoch {len(history)}" if last else "nothing saved"
+        resume = (f"; resume with: train.py --resume {last} --epochs {args.epochs}"
+                  if stopped and last else "")
+        if speak:
+            print(f"train.py: {why}; {kept}{resume}", file=sys.stderr)
+        return 1 if not stopped else 143 if e.args == ("SIGTERM",) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
         if torch.distributed.is_initialized():

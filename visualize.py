@@ -186,10 +186,7 @@ def save_figure(fig, path):
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in (".png", ".pdf", ".svg") or os.path.exists(path) and not os.path.isfile(path):
         raise data.UserError(f"--out {path}: name a figure file ending in .png, .pdf or .svg")
-    try:
-        data.atomic_write(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=120))
-    except OSError as e:
-        raise data.UserError(f"cannot write {path}: {e}") from e
+    data.atomic_write(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=120))
     plt.close(fig)
     return path
 
@@ -199,18 +196,20 @@ def figure(net, config, ds, noise, n, seed):
     that train.py scores them with."""
     idx = torch.randperm(len(ds.test), generator=torch.Generator().manual_seed(seed))[:n]
     clean, noisy = ds.test[idx], train.fixed_noisy_test_set(ds.test, noise)[idx]  # n x C x H x W
-    denoised = train.denoise(net, noisy)  # n x C x H x W
+    denoised = train.denoise(net, noisy, config["precision"] == "bf16")  # as train.py scores
     if noise.kind == "none":  # nothing clean to show or score
-        title = f"{ds.name} held-out images as they are, and denoised by {model_name(config)}"
-        return draw_comparison(noisy, None, denoised, title), title
-    title = (f"{ds.name}, noise {noise}: mean PSNR {train.psnr(noisy, clean):.1f} dB noisy -> "
-             f"{train.psnr(denoised, clean):.1f} dB denoised by {model_name(config)}")
+        clean, title = None, f"{ds.name} held-out images as they are, and denoised"
+    else:
+        title = (f"{ds.name}, noise {noise}: mean PSNR {train.psnr(noisy, clean):.1f} dB noisy "
+                 f"-> {train.psnr(denoised, clean):.1f} dB denoised")
+    title += f" by {model_name(config)}"
     return draw_comparison(noisy, clean, denoised, title), title
 
 
 def denoise_file(net, config, path, out, overwrite):
     """--image PATH: the denoised image in the file's channels and bit depth (NAME_denoised.png,
     or .tif), and a figure of both beside it (NAME_denoised_compare.png)."""
+    pixels = data.read_image(path)  # C x H x W, the file's own channels and bit depth
     name, suffix = os.path.splitext(os.path.basename(path))
     out = out or name + "_denoised" + (".tif" if suffix.lower() in data.TIFF_SUFFIXES else ".png")
     compare = f"{os.path.splitext(out)[0]}_compare.png"
@@ -218,13 +217,9 @@ def denoise_file(net, config, path, out, overwrite):
         if os.path.exists(target) and (os.path.samefile(target, path) or not overwrite):
             raise data.UserError(f"{target} exists; pass --overwrite to replace it (never the "
                                  f"input), or choose another --out")
-    pixels = data.read_image(path)  # C x H x W, the file's own channels and bit depth
     image = data.to_float(pixels)
     denoised = denoise_planes(net, image, config["channels"])  # C x H x W
-    try:
-        data.write_image(out, data.to_pixels(denoised, pixels.dtype))
-    except OSError as e:
-        raise data.UserError(f"cannot write {out}: {e}") from e
+    data.write_image(out, data.to_pixels(denoised, pixels.dtype))
     title = f"{path} ({image.shape[-1]}x{image.shape[-2]}), {model_name(config)}"
     inches = 6 * min(1, image.shape[-1] / image.shape[-2])  # a tall image: narrower
     save_figure(draw_comparison(image[None], None, denoised[None], title, inches), compare)
@@ -234,7 +229,7 @@ def denoise_file(net, config, path, out, overwrite):
 
 def run(args):
     """Load the checkpoint (and the --with ones) and draw what the flags ask for."""
-    checkpoint, net = train.restore(args.checkpoint, "cpu")
+    checkpoint, net = train.restore(args.checkpoint, "cpu")[:2]
     config = checkpoint["config"]
     if args.image:
         return denoise_file(net, config, args.image, args.out, args.overwrite)
@@ -254,7 +249,9 @@ def run(args):
     if args.sweep:
         nets = {model_name(config): net}
         for path in args.others:  # more models to score beside it
-            other, other_net = train.restore(path, "cpu")
+            other, other_net = train.restore(path, "cpu")[:2]
+            if other["config"]["channels"] != config["channels"]:
+                raise data.UserError(f"--with {path}: a model of other channels than the data's")
             nets[f"{model_name(other['config'])} ({os.path.basename(path)})"] = other_net
         tune = data.epoch_images(ds.train, config["crop"], train.seeded(0, 0))[:TUNE_IMAGES]
         rows = sweep(nets, ds.test, tune, kind, args.levels or SWEEP_LEVELS[kind],
@@ -288,8 +285,8 @@ def parse_args(argv=None):
                    "--image NAME.EXT: NAME_denoised.png, or .tif for a TIFF)")
     p.add_argument("--overwrite", action="store_true",
                    help="--image: let the outputs replace existing files (never the input)")
-    p.add_argument("--n", type=train.number(int, 1), default=8, help="test images in the figure")
-    p.add_argument("--seed", type=train.number(int, 0), default=0,
+    p.add_argument("--n", type=train.number(int, 1, 64), default=8, help="test images shown")
+    p.add_argument("--seed", type=train.number(int, 0, 2 ** 32 - 1), default=0,
                    help="picks the figure's test images")
     p.add_argument("--levels", type=lambda t: [train.number(float, 0)(x) for x in t.split(",")],
                    help="--sweep: noise levels, comma-separated (default: 6-8 from mild to heavy)")
