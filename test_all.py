@@ -415,7 +415,7 @@ def test_bad_flags_are_one_line_and_exit_2(capsys):
     for argv, message in [(["--epochs", "0"], "--epochs"), (["--lr", "nan"], "--lr"),
                           (["--batch-size", "1"], "--batch-size"), (["--noise", "pink"], "pink"),
                           (["--noise-level", "0.5:0.1"], "LO <= HI"),
-                          (["--widths", "8,0"], "--widths"), (["--device", "cuda:7"], "--device"),
+                          (["--widths", "8,0"], "--widths"), (["--device", "mps"], "--device"),
                           (["--widths", "8,8,8,8,8"], "at most 4 levels"),
                           (["--dataset", "folder", "--crop", "33"], "an even number"),
                           (["--crop", "32"], "--crop is for --dataset folder"),

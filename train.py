@@ -301,8 +301,13 @@ def restore(path, device, resume=False):
         raise data.UserError(f"checkpoint {path} cannot be used ({why})") from e
 
 
-def join_processes(device):
-    """(rank, processes, device); under torchrun, after joining the process group."""
+def join_processes(name):
+    """(rank, processes, device) for --device `name` (auto: the accelerator if there is one);
+    under torchrun, after joining the process group (gloo on CPUs, nccl and a GPU each on CUDA)."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    device = torch.device((accelerator or "cpu") if name == "auto" else name)
+    if device.type not in ("cpu", getattr(accelerator, "type", "cpu")):
+        raise data.UserError(f"--device {name}: this machine has none")
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
@@ -500,19 +505,6 @@ def noise_level(text):
     return levels if len(levels) == 2 else levels[0]
 
 
-def device_type(name):
-    """argparse type for --device: auto (the accelerator if there is one) or a device here."""
-    accelerator = torch.accelerator.current_accelerator(check_available=True)
-    try:
-        device = torch.device(name if name != "auto" else accelerator or "cpu")
-    except RuntimeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-    if device.type != "cpu" and (device.type != getattr(accelerator, "type", None) or (
-            device.index or 0) >= torch.accelerator.device_count()):  # no allocation: torchrun
-        raise argparse.ArgumentTypeError(f"{name!r} is not on this machine")  # picks its GPU
-    return device
-
-
 def add_noise_flags(parser):
     """--data-dir, --noise and --noise-level: train.py's and visualize.py's (None: not given)."""
     parser.add_argument("--data-dir", help="data sets in torchvision's layout (DATA_DIR/MNIST/"
@@ -557,8 +549,8 @@ def parse_args(argv=None):
                    f"{DEFAULT_CHECKPOINT}, or the --resume file)")
     p.add_argument("--resume", metavar="FILE", help="continue its run, exactly, to --epochs")
     p.add_argument("--overwrite", action="store_true", help="let a new run replace --checkpoint")
-    p.add_argument("--device", type=device_type, default="auto",
-                   help="auto (cuda or mps if there is one, else cpu), or a name such as cuda:1")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto: cuda or mps if there is one, else cpu (default: auto)")
     return p.parse_args(argv)
 
 

@@ -119,7 +119,7 @@ def main(argv=None):
     p.add_argument("--data-dir", default="data", help="where MNIST is (default: data)")
     p.add_argument("--steps", type=train.number(int, 1), default=150, help="steps per run")
     p.add_argument("--pairs", type=train.number(int, 1), default=3, help="A, B pairs to run")
-    p.add_argument("--device", type=train.device_type, default="cpu")  # the pairs' device
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu")
     p.add_argument("--processes", type=train.number(int, 2), help="also time an epoch of "
                    "train.py as 1 process of N threads against N torchrun processes")
     args = p.parse_args(argv)
