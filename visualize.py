@@ -115,7 +115,7 @@ def draw_sweep(rows, kind, title):
     ax.set(xlabel=f"{kind} noise level ({train.NOISES[kind][0]})", ylabel="test PSNR (dB)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, wrap=True)
     fig.tight_layout()
     return fig
 
