@@ -207,9 +207,12 @@ def train_epoch(net, optimizer, images, order, generator, *, noise, batch_size, 
 
 
 def psnr_per_image(pred, target):
-    """PSNR in dB of each image (data range 1): N x C x H x W twice -> N; MSE floored at 1e-10."""
-    mse = (pred - target).square().flatten(1).mean(1)  # N
-    return -10 * torch.log10(mse.clamp_min(1e-10))
+    """torchmetrics' PSNR in dB (data range 1) of each image, N x C x H x W twice -> N, capped
+    at 100 dB (a perfect image would score infinity)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none",
+                                   dim=(1, 2, 3)).clamp_max(100)
 
 
 def psnr(pred, target):
