@@ -126,7 +126,14 @@ def read_image(path):
         if path.lower().endswith(TIFF_SUFFIXES):
             import tifffile
 
-            array = tifffile.imread(path)  # H x W, or H x W x S (RGB, RGBA)
+            with tifffile.TiffFile(path) as tif:  # one page of gray or RGB samples, contiguous
+                page = tif.pages[0]
+                kind = (tifffile.PHOTOMETRIC(page.photometric).name,
+                        tifffile.PLANARCONFIG(page.planarconfig).name)
+                if len(tif.pages) > 1 or kind not in (("MINISBLACK", "CONTIG"), ("RGB", "CONTIG")):
+                    raise ValueError(f"{len(tif.pages)} pages, {', '.join(kind)}: one gray or RGB "
+                                     f"image only")
+                array = page.asarray()  # H x W, or H x W x S (RGB, RGBA)
             if array.ndim == 3 and array.shape[-1] in (3, 4):
                 array = array[..., :3]  # an alpha channel is dropped
             pixels = torch.from_numpy(np.ascontiguousarray(np.atleast_3d(array).transpose(2, 0, 1)))

@@ -279,11 +279,15 @@ def test_image_files_read_as_viewers_show_them_or_fail_in_one_line(tmp_path):
     Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save("rgba.png")
     Image.fromarray(rgb[..., 0]).convert("LA").save("la.png")
     assert [len(data.read_image(f)) for f in ("cmyk.jpg", "rgba.png", "la.png")] == [3, 3, 1]
-    tifffile.imwrite("stack.tif", np.zeros((4, 8, 8), np.uint8))
+    tifffile.imwrite("stack.tif", np.zeros((4, 8, 8), np.uint8), photometric="minisblack")
+    tifffile.imwrite("planar.tif", np.zeros((3, 8, 8), np.uint8), photometric="rgb")
+    tifffile.imwrite("palette.tif", np.zeros((8, 8), np.uint8), photometric="palette",
+                     colormap=np.zeros((3, 256), np.uint16))
     tifffile.imwrite("float.tif", np.zeros((8, 8), np.float32))
     (tmp_path / "text.png").write_text("not an image")
     os.mkfifo("pipe.png")  # a FIFO would block whoever reads it
-    for name, message in [("stack.tif", "not one gray or RGB"), ("float.tif", "float32"),
+    for name, message in [("stack.tif", "4 pages"), ("planar.tif", "SEPARATE"),
+                          ("palette.tif", "PALETTE"), ("float.tif", "float32"),
                           ("text.png", "cannot read image"), ("pipe.png", "not a regular file"),
                           ("missing.png", "not a regular file")]:
         with pytest.raises(data.UserError, match=message):
@@ -302,10 +306,8 @@ def test_folder_data_set_splits_crops_and_converts(tmp_path):
     crops = data.epoch_images(ds.train, 16, torch.Generator().manual_seed(0))
     assert crops.shape == (8 * 256, 1, 16, 16)  # 2,048 crops an epoch
     assert torch.equal(crops, data.epoch_images(ds.train, 16, torch.Generator().manual_seed(0)))
-    for folder, message in [(tmp_path / "none", "not a folder"), (tmp_path / "p" / "sub", None)]:
-        if message:
-            with pytest.raises(data.UserError, match=message):
-                data.load_dataset("folder", str(folder))
+    with pytest.raises(data.UserError, match="not a folder"):
+        data.load_dataset("folder", str(tmp_path / "none"))
     with pytest.raises(data.UserError, match="needs 2 or more"):
         data.load_dataset("folder", str(tmp_path / "p"), crop=48)
 
@@ -415,7 +417,7 @@ def test_bad_flags_are_one_line_and_exit_2(capsys):
     for argv, message in [(["--epochs", "0"], "--epochs"), (["--lr", "nan"], "--lr"),
                           (["--batch-size", "1"], "--batch-size"), (["--noise", "pink"], "pink"),
                           (["--noise-level", "0.5:0.1"], "LO <= HI"),
-                          (["--widths", "8,0"], "--widths"), (["--device", "mps"], "--device"),
+                          (["--widths", "8,0"], "--widths"), (["--device", "mps" if torch.cuda.is_available() else "cuda"], "--device"),
                           (["--widths", "8,8,8,8,8"], "at most 4 levels"),
                           (["--dataset", "folder", "--crop", "33"], "an even number"),
                           (["--crop", "32"], "--crop is for --dataset folder"),

@@ -313,8 +313,11 @@ def join_processes(name):
         raise data.UserError(f"--device {name}: this machine has none")
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
-    if device.type == "cuda":
+    if device.type == "cuda":  # a GPU each
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if device.index >= torch.cuda.device_count():
+            raise data.UserError(f"{os.environ['WORLD_SIZE']} processes, "
+                                 f"{torch.cuda.device_count()} GPUs: one process per GPU")
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
@@ -326,9 +329,11 @@ def setup(config, resumed, procs):
     rank, processes, device = procs
     if rank > 0:
         torch.distributed.barrier()  # rank 0 loads (and downloads) first
-    ds = data.load_dataset(*(config[k] for k in ("dataset", "data_dir", "channels", "crop")))
-    if rank == 0 and processes > 1:
-        torch.distributed.barrier()
+    try:  # if it fails, the others fail in the same way, silently
+        ds = data.load_dataset(*(config[k] for k in ("dataset", "data_dir", "channels", "crop")))
+    finally:
+        if rank == 0 and processes > 1:
+            torch.distributed.barrier()
     config = {**config, "dataset": ds.name, "channels": ds.test.shape[1]}
     torch.manual_seed(config["seed"])  # the initial weights
     train = training_images(ds.train, config["method"], config_noise(config), config["seed"])
@@ -571,13 +576,13 @@ def main(argv=None):
         procs = join_processes(args.device)
         resumed = restore(args.resume, procs[2], resume=True) if args.resume else None
         checkpoint = resumed[0] if resumed else None
+        history = checkpoint["history"] if checkpoint else []  # train_epochs appends
+        done = len(history)  # the epochs before this run
         given = {k: v for k, v in vars(args).items() if k in RUN_DEFAULTS and v is not None}
         config = run_config(given, args.epochs, checkpoint, args.resume)
         path = output_path(args.checkpoint or args.resume or DEFAULT_CHECKPOINT, args.resume,
                            args.overwrite)
         ds, config, run = setup(config, resumed, procs)
-        history = checkpoint["history"] if checkpoint else []  # train_epochs appends
-        done = len(history)  # the epochs before this run
         score = test_scores(ds.test.to(procs[2]), config) if procs[0] == 0 else None
         baseline = score(None) if score else None  # what "do nothing" scores
         if baseline:

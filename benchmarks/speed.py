@@ -4,10 +4,9 @@
     python benchmarks/speed.py --processes 2     # also 1 x 2 threads against 2 x 1 process
     python benchmarks/speed.py --device cuda     # the pairs on a GPU
 
-Tutorial: torchvision's MNIST with ToTensor, DataLoader(batch_size=128, shuffle=True), noise
-per batch. Project: train.train_epoch over tensors in memory, channels-last, as train.py runs
-it. Both train the same model from the same weights for the same steps, alternating A, B, A, B;
-then the project's loop in float32 against bfloat16 autocast, alternating the same way.
+Tutorial: torchvision's MNIST, ToTensor, DataLoader(batch_size=128, shuffle=True), noise per
+batch. Project: train.train_epoch over tensors in memory, as train.py runs it. The same model,
+weights and steps, alternating A, B, A, B; then the project's loop in float32 against bfloat16.
 """
 
 import argparse
@@ -119,7 +118,8 @@ def main(argv=None):
     p.add_argument("--data-dir", default="data", help="where MNIST is (default: data)")
     p.add_argument("--steps", type=train.number(int, 1), default=150, help="steps per run")
     p.add_argument("--pairs", type=train.number(int, 1), default=3, help="A, B pairs to run")
-    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu")
+    p.add_argument("--device", default="cpu", choices=["cpu"] + [
+        d.type for d in [torch.accelerator.current_accelerator(check_available=True)] if d])
     p.add_argument("--processes", type=train.number(int, 2), help="also time an epoch of "
                    "train.py as 1 process of N threads against N torchrun processes")
     args = p.parse_args(argv)
