@@ -562,6 +562,18 @@ def test_a_signal_keeps_the_last_epoch_and_a_onecycle_run_resumes_exactly(tmp_pa
     assert straight["optimizer"]["param_groups"][0]["lr"] < 1e-4  # the cycle ended
 
 
+def test_a_folder_run_of_noise2self_resumes_bit_identically(tmp_path):
+    photo_folder(tmp_path / "p", n=6, size=48)  # random crops and a noisy set drawn once
+    argv = ["--dataset", "folder", "--data-dir", tmp_path / "p", "--crop", "32", "--batch-size",
+            "256", "--method", "noise2self", "--clip", "off", "--arch", "unet"]
+    for path, epochs in (("straight.pt", "2"), ("cut.pt", "1")):
+        assert train.main([str(a) for a in argv + ["--epochs", epochs, "--checkpoint", path]]) == 0
+    assert train.main(["--resume", "cut.pt", "--epochs", "2"]) == 0
+    a, b = (torch.load(p, weights_only=True) for p in ("straight.pt", "cut.pt"))
+    assert same_tensors(a["model"], b["model"]) and a["history"][1]["test_psnr"] == \
+        b["history"][1]["test_psnr"]
+
+
 def test_the_seed_decides_the_weights(tmp_path, one_epoch):
     a = torch.load(one_epoch, weights_only=True)
     b = sample_run(tmp_path / "b.pt", "--epochs", "1", "--seed", "0")
