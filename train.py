@@ -287,9 +287,9 @@ def restore(path, device, resume=False):
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != data.CHECKPOINT_FORMAT:
             raise ValueError("not written by this version of train.py: train the model again")
         config, history = checkpoint["config"], checkpoint["history"]
-        missing = ({*RUN_DEFAULTS, "epochs", "steps_per_epoch"} - set(config)) or not history
-        if missing or config["method"] not in METHODS or config["noise"] not in NOISES:
-            raise ValueError(f"its config or history is incomplete or foreign ({missing})")
+        if {*RUN_DEFAULTS, "epochs", "steps_per_epoch"} - set(config) or not history or (
+                config["method"] not in METHODS or config["noise"] not in NOISES):
+            raise ValueError("its config or history is incomplete, or not this project's")
         net = model.build_model(config).to(device, memory_format=torch.channels_last)
         net.load_state_dict(checkpoint["model"])
         optimizer, scheduler = make_optimizer(net, config, config["steps_per_epoch"])
