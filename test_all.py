@@ -705,3 +705,16 @@ def test_speed_benchmark_runs_offline(capsys):
     benchmarks.speed.main(["--steps", "3", "--pairs", "1"])
     out = capsys.readouterr().out
     assert "median ratio (project / tutorial)" in out and "median ratio (bf16 / fp32)" in out
+
+
+def test_photo_benchmark_scores_the_classical_filters_offline(one_epoch, capsys):
+    import benchmarks.photos
+
+    benchmarks.photos.main(["--crop", "48", "--sigmas", "25", "--with", str(one_epoch)])
+    out = capsys.readouterr().out
+    assert out.count("| method | PSNR dB | SSIM | s/image | grid | cast |") == 2  # gray, colour
+    rows = {line.split(" | ")[0][2:]: float(line.split(" | ")[1])
+            for line in out.splitlines()[:12] if line.startswith("| ") and "dB" not in line}
+    assert rows["non-local means"] > rows["noisy input"] + 5  # the filters work on photos
+    assert any(name.startswith("basic 32/64") for name in rows)  # and the model is scored
+
