@@ -12,7 +12,7 @@ from torch import nn
 # Adam's first steps drive every output towards the black background, the decoder's ReLUs die
 # and the sigmoid saturates: the network collapses to an all-black image (README: "collapse").
 OUTPUT_BIAS_INIT = -2.0
-MAX_CHANNELS, MAX_WIDTH, MAX_LEVELS = 4, 512, 4  # a crafted config cannot ask for gigabytes
+MAX_CHANNELS, MAX_WIDTH = 4, 512  # with each arch's max_levels: a config cannot ask for gigabytes
 
 
 def conv_bn_relu(c_in, c_out, stride=1):
@@ -36,17 +36,19 @@ def subpixel_head(c_in, channels):
     return nn.Sequential(conv, nn.PixelShuffle(2), nn.Sigmoid())
 
 
-def size_multiple(widths):
-    """What the height and width of an input must be a multiple of: each level halves them."""
-    return 2 ** len(widths)
-
-
 class Denoiser(nn.Module):
-    """What the three architectures share: `widths` (channels per level), and any input size."""
+    """What the architectures share: `widths` (channels per level), and any input size."""
+
+    max_levels = 4  # each level halves the image: 2 ** levels is the padding multiple
+
+    @property
+    def multiple(self):
+        """What the height and width of an input must be a multiple of: each level halves them."""
+        return 2 ** len(self.widths)
 
     def forward(self, x):  # N x C x H x W -> N x C x H x W in [0, 1]
         """Denoise a batch of any H, W: padded to what the strides need, then cropped back."""
-        (h, w), multiple = x.shape[-2:], size_multiple(self.widths)
+        (h, w), multiple = x.shape[-2:], self.multiple
         pad_h, pad_w = -h % multiple, -w % multiple
         if pad_h or pad_w:  # reflect needs pad < size
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if pad_h < h and pad_w < w
@@ -128,17 +130,39 @@ class UNet(Denoiser):
         return self.head(h)
 
 
-ARCHS = {"basic": BasicAutoencoder, "deep": DeepAutoencoder, "unet": UNet}
+class DnCNN(Denoiser):
+    """Residual learning at full resolution, for photos (Zhang et al., IEEE TIP 2017): a stack
+    of 3x3 conv-BN-ReLU layers, one per entry of `widths`, predicts the noise, which is taken
+    from the input. No striding, so no grid in the output; no sigmoid, so no pull to black."""
+
+    default_widths, max_levels, multiple = (48,) * 8, 20, 1
+
+    def __init__(self, channels=1, widths=None):
+        super().__init__()
+        self.widths = tuple(widths or self.default_widths)
+        layers = [nn.Conv2d(channels, self.widths[0], 3, padding=1), nn.ReLU(inplace=True)]
+        for c, w in zip(self.widths, self.widths[1:]):  # each layer from the one before
+            layers += conv_bn_relu(c, w)
+        self.noise = nn.Sequential(*layers, nn.Conv2d(self.widths[-1], channels, 3, padding=1))
+
+    def run(self, x):  # N x C x H x W -> N x C x H x W
+        """The input less the predicted noise; in eval mode clamped to [0, 1]."""
+        out = x - self.noise(x)
+        return out if self.training else out.clamp(0, 1)
+
+
+ARCHS = {"basic": BasicAutoencoder, "deep": DeepAutoencoder, "unet": UNet, "dncnn": DnCNN}
 
 
 def build_model(config):
     """The untrained network of a config's arch, channels and widths (capped: ValueError)."""
-    channels, widths = config["channels"], list(config["widths"])
-    if not (1 <= channels <= MAX_CHANNELS and 1 <= len(widths) <= MAX_LEVELS
+    arch, channels, widths = ARCHS[config["arch"]], config["channels"], list(config["widths"])
+    if not (1 <= channels <= MAX_CHANNELS and 1 <= len(widths) <= arch.max_levels
             and all(1 <= w <= MAX_WIDTH for w in widths)):
         raise ValueError(f"a model of {channels} channels and widths {widths} is out of range "
-                         f"(channels 1-{MAX_CHANNELS}, 1-{MAX_LEVELS} widths of 1-{MAX_WIDTH})")
-    return ARCHS[config["arch"]](channels, tuple(widths))
+                         f"(channels 1-{MAX_CHANNELS}, 1-{arch.max_levels} widths of "
+                         f"1-{MAX_WIDTH})")
+    return arch(channels, tuple(widths))
 
 
 def load_model(path):

@@ -471,8 +471,8 @@ def run_config(given, epochs, checkpoint=None, path=None):
         raise data.UserError("--noise-level: a poisson level (photons) must be above 0")
     if config["crop"] is not None and (not folder or config["crop"] % 2):
         raise data.UserError("--crop is for --dataset folder, an even number of pixels")
-    if len(config["widths"] or []) > model.MAX_LEVELS:
-        raise data.UserError(f"--widths: at most {model.MAX_LEVELS} levels")
+    if len(config["widths"] or []) > model.ARCHS[config["arch"]].max_levels:
+        raise data.UserError(f"--widths: at most {model.ARCHS[config['arch']].max_levels} levels")
     return {**config, "noise_level": level, "crop": (config["crop"] or data.DEFAULT_CROP)
             if folder else None, "widths": config["widths"] or list(
                 model.ARCHS[config["arch"]].default_widths)}
@@ -544,10 +544,10 @@ def parse_args(argv=None):
                    "added per batch; the others learn from noisy images alone, drawn once")
     p.add_argument("--clip", choices=("on", "off"), help="clip noisy pixels to [0, 1] (default: "
                    "on; off for the self-supervised methods: they need zero-mean noise)")
-    p.add_argument("--arch", choices=model.ARCHS, help="model (default: basic)")
+    p.add_argument("--arch", choices=model.ARCHS, help="model (default: basic; dncnn for photos)")
     p.add_argument("--widths", type=lambda t: [number(int, 1, model.MAX_WIDTH)(w) for w in
                                                t.split(",")], help="channels per level, e.g. "
-                   "32,64 (default: basic 32,64; deep and unet 16,32)")
+                   "32,64 (default: basic 32,64; deep and unet 16,32; dncnn 8 of 48)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), help="seeds weights, data order "
                    "and noise (default: 0)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: bfloat16 autocast for "

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 import data
-import model
 import train
 
 # Sweep levels per noise type, mildest first (Poisson: fewer photons is noisier).
@@ -146,7 +145,7 @@ def denoise_tiled(net, image, tile=TILE, margin=TILE_MARGIN):
     """Denoise a C x H x W image in bounded memory, tile by tile, each with `margin` pixels of
     context that are dropped, so that tiles join without seams; they start on multiples of the
     model's size multiple, so each sees the pixel grid the whole image would."""
-    (h, w), multiple = image.shape[-2:], model.size_multiple(net.widths)
+    (h, w), multiple = image.shape[-2:], net.multiple
     if h <= tile + 2 * margin and w <= tile + 2 * margin:
         return train.denoise(net, image[None])[0]
     tile, margin = (math.ceil(n / multiple) * multiple for n in (tile, margin))
