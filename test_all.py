@@ -417,7 +417,10 @@ def test_bad_flags_are_one_line_and_exit_2(capsys):
     for argv, message in [(["--epochs", "0"], "--epochs"), (["--lr", "nan"], "--lr"),
                           (["--batch-size", "1"], "--batch-size"), (["--noise", "pink"], "pink"),
                           (["--noise-level", "0.5:0.1"], "LO <= HI"),
-                          (["--widths", "8,0"], "--widths"), (["--device", "mps" if torch.cuda.is_available() else "cuda"], "--device"),
+                          (["--widths", "8,0"], "--widths"),
+                          (["--device", "cuda" if not torch.cuda.is_available() else "mps"],
+                           "--device"),
+                          (["--noise", "poisson", "--noise-level", "0"], "poisson noise level"),
                           (["--widths", "8,8,8,8,8"], "at most 4 levels"),
                           (["--dataset", "folder", "--crop", "33"], "an even number"),
                           (["--crop", "32"], "--crop is for --dataset folder"),
@@ -628,6 +631,8 @@ def test_figures_go_only_to_figure_files_and_never_block(one_epoch, capsys):
     exits_2(visualize.main, ["--checkpoint", one_epoch, "--image", "gone.png"], capsys,
             "not a regular file")
     exits_2(visualize.main, ["--checkpoint", "missing.pt"], capsys, "run python train.py first")
+    exits_2(visualize.main, ["--checkpoint", one_epoch, "--noise", "poisson", "--levels", "0,5",
+                             "--sweep"], capsys, "poisson noise level")
     assert visualize.main(["--checkpoint", str(one_epoch), "--curves", "--out", "c.pdf"]) == 0
 
 

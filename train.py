@@ -467,8 +467,7 @@ def run_config(given, epochs, checkpoint=None, path=None):
     if kind == "none" and (not folder or config["method"] in ("supervised", "noise2noise")):
         raise data.UserError("--noise none is for a --dataset folder of images that are noisy "
                              "already, with --method noise2self or neighbor2neighbor")
-    if kind == "poisson" and min(np.atleast_1d(level)) <= 0:
-        raise data.UserError("--noise-level: a poisson level (photons) must be above 0")
+    check_levels(kind, np.atleast_1d(level))
     if config["crop"] is not None and (not folder or config["crop"] % 2):
         raise data.UserError("--crop is for --dataset folder, an even number of pixels")
     if len(config["widths"] or []) > model.ARCHS[config["arch"]].max_levels:
@@ -476,6 +475,12 @@ def run_config(given, epochs, checkpoint=None, path=None):
     return {**config, "noise_level": level, "crop": (config["crop"] or data.DEFAULT_CROP)
             if folder else None, "widths": config["widths"] or list(
                 model.ARCHS[config["arch"]].default_widths)}
+
+
+def check_levels(kind, levels):
+    """Raise UserError for noise levels that cannot work: a poisson level of 0 photons."""
+    if kind == "poisson" and min(levels) <= 0:
+        raise data.UserError("a poisson noise level (photons) must be above 0")
 
 
 def output_path(path, resume, overwrite):

@@ -243,8 +243,7 @@ def run(args):
     kind = args.noise or config["noise"]
     level = args.noise_level if args.noise_level is not None else (
         config["noise_level"] if kind == config["noise"] else train.NOISES[kind][1])
-    if kind == "poisson" and 0 in [*np.atleast_1d(level), *(args.levels or [])]:
-        raise data.UserError("--noise-level / --levels: a poisson level (photons) must be above 0")
+    train.check_levels(kind, [*np.atleast_1d(level), *(args.levels or [])])
     ds = data.load_dataset(config["dataset"], args.data_dir or config["data_dir"],
                            config["channels"], config["crop"])
     print(ds.note)

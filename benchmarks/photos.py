@@ -43,7 +43,7 @@ def load(names, channels, crop=None):
     for name in names:
         array = getattr(photos, name)()
         array = array[0] if isinstance(array, tuple) else array  # the stereo pair's left view
-        image = torch.from_numpy(np.atleast_3d(array)).permute(2, 0, 1)[None] / 255  # 1 x C x H x W
+        image = as_tensor(array) / 255  # 1 x C x H x W
         if channels == 3 and image.shape[1] != 3:
             continue
         image = data.convert_channels(image, channels)
@@ -51,16 +51,25 @@ def load(names, channels, crop=None):
     return images
 
 
+def as_array(image):
+    """1 x C x H x W tensor -> what scikit-image and bm3d take: H x W (x C) float64."""
+    return image[0].permute(1, 2, 0).squeeze(2).double().numpy()
+
+
+def as_tensor(array):
+    """The inverse of as_array: H x W (x C) -> 1 x C x H x W float32."""
+    return torch.from_numpy(np.atleast_3d(array)).permute(2, 0, 1)[None].float()
+
+
 def skimage_filter(function, image, **kwargs):
-    """Run a scikit-image filter on a 1 x C x H x W tensor: H x W (x C) float64 and back."""
-    array = image[0].permute(1, 2, 0).squeeze(2).double().numpy()
-    out = function(array, channel_axis=-1 if array.ndim == 3 else None, **kwargs)
-    return torch.from_numpy(np.atleast_3d(out)).permute(2, 0, 1)[None].float()
+    """Run a scikit-image filter on a 1 x C x H x W tensor."""
+    array = as_array(image)
+    return as_tensor(function(array, channel_axis=-1 if array.ndim == 3 else None, **kwargs))
 
 
 def nl_means(image):
     """Non-local means with the noise level scikit-image estimates (h = 0.8 sigma)."""
-    array = image[0].permute(1, 2, 0).squeeze(2).double().numpy()
+    array = as_array(image)
     sigma = restoration.estimate_sigma(array, average_sigmas=True,
                                        channel_axis=-1 if array.ndim == 3 else None)
     return skimage_filter(restoration.denoise_nl_means, image, h=0.8 * sigma, sigma=sigma,
@@ -75,9 +84,8 @@ def bm3d_filter(sigma):
         return None
 
     def run(image):
-        array = image[0].permute(1, 2, 0).squeeze(2).double().numpy()
-        out = (bm3d.bm3d_rgb if array.ndim == 3 else bm3d.bm3d)(array, sigma_psd=sigma)
-        return torch.from_numpy(np.atleast_3d(out)).permute(2, 0, 1)[None].float()
+        array = as_array(image)
+        return as_tensor((bm3d.bm3d_rgb if array.ndim == 3 else bm3d.bm3d)(array, sigma_psd=sigma))
     return run
 
 
