@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-DATASETS = ("mnist", "mnist-sample", "fashion-mnist", "cifar10", "folder")
+DATASETS = ("mnist", "mnist-sample", "fashion-mnist", "cifar10", "photos", "folder")
 DOWNLOAD_TIMEOUT = 30  # seconds per connection; torchvision sets none, so a firewall would hang
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -24,6 +24,12 @@ FOLDER_TEST_FRACTION = 0.1  # of a folder's files, at least one
 DEFAULT_CROP = 64
 CHECKPOINT_FORMAT = 2  # files of earlier development versions are refused, not upgraded
 MIN_CROPS_PER_EPOCH = 2048  # a folder of 20 photos still gives an epoch of many steps
+# The photos scikit-image installs, each documented in skimage.data with its source and licence:
+# 13 to train on (textures, faces, space, microscopy), 3 held out whole.
+PHOTOS_TRAIN = ("astronaut", "chelsea", "rocket", "hubble_deep_field", "retina",
+                "immunohistochemistry", "brick", "grass", "gravel", "coins", "clock", "moon",
+                "text")
+PHOTOS_TEST = ("camera", "coffee", "stereo_motorcycle")
 
 
 class UserError(Exception):
@@ -33,8 +39,8 @@ class UserError(Exception):
 class Data(NamedTuple):
     """A data set held in memory, with one line saying where it came from."""
 
-    train: object  # N x C x H x W float32 in [0, 1]; a folder: a list of C x H x W images
-    test: torch.Tensor  # M x C x H x W, float32 in [0, 1]
+    train: object  # N x C x H x W float32 in [0, 1]; photos, folder: a list of C x H x W images
+    test: object  # M x C x H x W, float32 in [0, 1]; photos, folder: a list, each image whole
     note: str  # "data: ..." or, for the offline fallback, "warning: ..."
     name: str  # the data set actually loaded: "mnist-sample" after the offline fallback
 
@@ -111,6 +117,25 @@ def load_builtin(name, data_dir):
              f"four *-ubyte files in {os.path.join(data_dir, 'MNIST', 'raw')} or run once online.")
 
 
+def photo(name, channels):
+    """One of the photos that scikit-image installs (skimage.data.`name`: no download) as a
+    C x H x W float image with `channels` channels; of the stereo pair, the left view."""
+    from skimage import data as photos
+
+    array = getattr(photos, name)()
+    array = np.atleast_3d(array[0] if isinstance(array, tuple) else array)  # H x W x C
+    return convert_channels(to_float(torch.from_numpy(array).permute(2, 0, 1)), channels)
+
+
+def load_photos(channels):
+    """scikit-image's photos as a data set of lists of C x H x W images: PHOTOS_TRAIN to train
+    on, PHOTOS_TEST held out whole."""
+    return Data([photo(n, channels) for n in PHOTOS_TRAIN],
+                [photo(n, channels) for n in PHOTOS_TEST],
+                f"data: photos, the {len(PHOTOS_TRAIN)} photos scikit-image installs to train on,"
+                f" {', '.join(PHOTOS_TEST)} held out whole", "photos")
+
+
 # ---------------------------------------------------------------- image files
 
 
@@ -183,11 +208,9 @@ def image_files(folder):
 
 
 def load_folder(folder, channels, crop):
-    """A folder of images as a data set: 10% of the files (at least one) held out, as centre
-    crops; the others kept whole, a list of C x H x W images that epoch_images crops. Images
-    smaller than the crop are left out, and counted in the note. Raises UserError."""
-    from torchvision.transforms.v2 import functional as TF
-
+    """A folder of images as a data set, lists of C x H x W images: 10% of the files (at least
+    one) held out, the others cropped by epoch_images. Images smaller than the crop are left
+    out, and counted in the note. Raises UserError."""
     if not os.path.isdir(folder):
         raise UserError(f"--data-dir {folder} is not a folder of images")
     paths = image_files(folder)
@@ -199,17 +222,19 @@ def load_folder(folder, channels, crop):
                         f"smaller --crop, or more images")
     order = torch.randperm(len(fits), generator=torch.Generator().manual_seed(SPLIT_SEED))
     n_test = max(1, round(FOLDER_TEST_FRACTION * len(fits)))
-    test = torch.stack([TF.center_crop(fits[i], [crop, crop]) for i in order[:n_test]])
     small = len(images) - len(fits)
     note = (f"data: folder {folder}, {len(fits) - n_test:,} train / {n_test:,} test images "
-            f"({'gray' if channels == 1 else 'colour'}, {crop}x{crop} crops"
+            f"({'gray' if channels == 1 else 'colour'}, {crop}x{crop} crops to train on"
             + (f", {small} smaller than the crop left out)" if small else ")"))
-    return Data([fits[i] for i in order[n_test:]], test, note, "folder")
+    return Data([fits[i] for i in order[n_test:]], [fits[i] for i in order[:n_test]], note,
+                "folder")
 
 
 def load_dataset(name, data_dir, channels=None, crop=DEFAULT_CROP):
     """Load data set `name` (DATASETS) with `channels` channels (1 or 3; None keeps the set's
-    own, and means colour for a folder); `crop` is for "folder". Raises UserError."""
+    own, and means colour for photos and a folder); `crop` is for a folder. Raises UserError."""
+    if name == "photos":
+        return load_photos(channels or 3)
     if name == "folder":
         return load_folder(data_dir, channels or 3, crop)
     ds = load_builtin(name, data_dir)
@@ -236,8 +261,8 @@ def random_crops(images, size, copies, generator):
 
 
 def epoch_images(train, crop, generator):
-    """The training images of one epoch: the tensor itself for the built-in sets; for a folder
-    (a list of images), fresh random crops, MIN_CROPS_PER_EPOCH or a few more."""
+    """The training images of one epoch: the tensor itself for the built-in sets; for photos and
+    a folder (a list of images), fresh random crops, MIN_CROPS_PER_EPOCH or a few more."""
     if isinstance(train, torch.Tensor):
         return train
     return random_crops(train, crop, math.ceil(MIN_CROPS_PER_EPOCH / len(train)), generator)

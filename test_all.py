@@ -296,13 +296,24 @@ def test_image_files_read_as_viewers_show_them_or_fail_in_one_line(tmp_path):
         data.write_image("deep.jpg", torch.zeros(1, 4, 4, dtype=torch.uint16))
 
 
+def test_the_photos_scikit_image_installs_are_a_data_set_held_out_whole():
+    gray, colour = data.load_dataset("photos", "nowhere", 1), data.load_dataset("photos", "")
+    assert len(gray.train) == 13 and [x.shape for x in gray.test] == [
+        (1, 512, 512), (1, 400, 600), (1, 500, 741)]  # camera, coffee, the motorcycle
+    assert all(len(x) == 3 for x in colour.train + colour.test) and colour.name == "photos"
+    assert torch.equal(gray.test[1], data.convert_channels(colour.test[1], 1))
+    crops = data.epoch_images(gray.train, 48, torch.Generator().manual_seed(0))
+    assert crops.shape == (13 * 158, 1, 48, 48)
+
+
 def test_folder_data_set_splits_crops_and_converts(tmp_path):
     photo_folder(tmp_path / "p" / "sub", n=9, size=40)
     save_png(torch.zeros(1, 8, 8, dtype=torch.uint8), tmp_path / "p" / "tiny.png")
     (tmp_path / "p" / "notes.txt").write_text("not an image")
     os.mkfifo(tmp_path / "p" / "pipe.png")  # never opened
     ds = data.load_dataset("folder", str(tmp_path / "p"), channels=1, crop=32)
-    assert len(ds.train) == 8 and ds.test.shape == (1, 1, 32, 32) and "1 smaller" in ds.note
+    assert len(ds.train) == 8 and [x.shape for x in ds.test] == [(1, 40, 40)]  # held out whole
+    assert "1 smaller" in ds.note
     crops = data.epoch_images(ds.train, 16, torch.Generator().manual_seed(0))
     assert crops.shape == (8 * 256, 1, 16, 16)  # 2,048 crops an epoch
     assert torch.equal(crops, data.epoch_images(ds.train, 16, torch.Generator().manual_seed(0)))
@@ -390,6 +401,25 @@ def test_a_folder_of_noisy_images_alone_trains_a_denoiser(tmp_path, capsys):
     assert "held-out images" in capsys.readouterr().out
 
 
+def test_a_photo_run_is_scored_on_the_held_out_photos_whole(capsys):
+    argv = ["--dataset", "photos", "--channels", "1", "--arch", "dncnn", "--widths", "8,8",
+            "--crop", "32", "--noise-level", "0.1", "--epochs", "1", "--batch-size", "256"]
+    assert train.main(argv) == 0
+    checkpoint, net = train.restore(train.DEFAULT_CHECKPOINT, "cpu")[:2]
+    clean = data.load_dataset("photos", "", 1).test
+    noisy = [train.fixed_noisy_test_set(x[None], train.Noise("gaussian", 0.1))[0] for x in clean]
+    with torch.no_grad():  # each held-out photo whole, in one piece: what the user will see
+        whole = [net(x[None])[0] for x in noisy]
+    scores = checkpoint["history"][-1]
+    assert scores["test_psnr"] == pytest.approx(np.mean([
+        train.psnr(p[None], c[None]) for p, c in zip(whole, clean)]), abs=1e-4)
+    assert scores["test_ssim"] == pytest.approx(train.ssim(whole, clean), abs=1e-4)
+    assert f"noisy input (gaussian 0.1): test PSNR {train.psnr(noisy, clean):.2f} dB" in \
+        capsys.readouterr().out
+    assert visualize.main(["--n", "2"]) == 0 and visualize.main(["--sweep", "--levels", "0.1"]) == 0
+    assert "photos, noise gaussian 0.1: mean PSNR" in capsys.readouterr().out
+
+
 def test_psnr_and_ssim_are_the_standard_ones():
     from skimage.metrics import structural_similarity
 
@@ -404,6 +434,11 @@ def test_psnr_and_ssim_are_the_standard_ones():
                                                use_sample_covariance=False) for i in range(3)])
     assert train.ssim(x, y) == pytest.approx(reference, abs=1e-5)
     assert train.ssim(x, x) == pytest.approx(1.0)
+    pred, target = [x[0], y[1, :1, :31, :17]], [y[0], x[2, :1, :31, :17]]  # lists: any sizes
+    assert train.ssim(pred, target) == pytest.approx(np.mean([train.ssim(p[None], t[None])
+                                                               for p, t in zip(pred, target)]))
+    assert train.psnr(pred, target) == pytest.approx(np.mean([train.psnr(p[None], t[None])
+                                                               for p, t in zip(pred, target)]))
 
 
 def test_bf16_autocast_trains_float32_weights_and_is_recorded(tmp_path):
@@ -423,7 +458,7 @@ def test_bad_flags_are_one_line_and_exit_2(capsys):
                           (["--noise", "poisson", "--noise-level", "0"], "poisson noise level"),
                           (["--widths", "8,8,8,8,8"], "at most 4 levels"),
                           (["--dataset", "folder", "--crop", "33"], "an even number"),
-                          (["--crop", "32"], "--crop is for --dataset folder"),
+                          (["--crop", "32"], "--crop is for --dataset photos or folder"),
                           (["--dataset", "folder", "--data-dir", "nowhere"], "not a folder")]:
         exits_2(train.main, argv, capsys, message)
 
@@ -676,7 +711,7 @@ def test_tiles_join_without_seams(arch):
                              "widths": model.ARCHS[arch].default_widths}).eval()
     image = torch.rand(3, 70, 90)
     whole = train.denoise(net, image[None])[0]
-    tiled = visualize.denoise_tiled(net, image, tile=24, margin=24)
+    tiled = train.denoise_tiled(net, image, tile=24, margin=24)
     assert torch.allclose(whole, tiled, atol=1e-5)
     gray = visualize.denoise_planes(net, image[:1], channels=3)  # a colour model, gray image
     assert gray.shape == (1, 70, 90)

@@ -27,7 +27,7 @@ import model
 DEFAULT_CHECKPOINT = "checkpoints/autoencoder.pt"
 TEST_NOISE_SEED = 2024  # independent of --seed: every run and epoch is scored on the same noise
 EVAL_BATCH_SIZE = 1000  # inference only: large batches are fastest and fit easily in memory
-SSIM_WINDOW = 11  # Wang et al. 2004: an 11 x 11 Gaussian window of sigma 1.5
+TILE, TILE_MARGIN = 512, 64  # large images: tiles of bounded memory, context wider than models see
 HELDOUT_DRAWS = 16  # a self-supervised held-out loss is averaged over this many random masks
 SHOWN = {"test_psnr": "test PSNR {:.2f} dB", "test_ssim": "SSIM {:.4f}",
          "test_loss": "held-out loss {:.5f}"}  # how an epoch's line shows its scores
@@ -215,40 +215,72 @@ def psnr_per_image(pred, target):
                                    dim=(1, 2, 3)).clamp_max(100)
 
 
+def image_batches(images):
+    """A batch (N x C x H x W) in pieces of EVAL_BATCH_SIZE, or a list of C x H x W images of
+    any sizes as batches of one."""
+    if isinstance(images, torch.Tensor):
+        return images.split(EVAL_BATCH_SIZE)
+    return [image[None] for image in images]
+
+
 def psnr(pred, target):
-    """Mean PSNR over images: per image, so that the many easy ones cannot hide the hard ones."""
-    return psnr_per_image(pred, target).mean().item()
+    """Mean PSNR over images (a batch, or lists of images): per image, so that the many easy
+    ones cannot hide the hard ones."""
+    return torch.cat([psnr_per_image(p, t) for p, t in zip(image_batches(pred),
+                                                            image_batches(target))]).mean().item()
 
 
-def ssim(pred, target, batch_size=EVAL_BATCH_SIZE):
-    """Mean SSIM (Wang et al. 2004: Gaussian window 11, sigma 1.5) over each image's valid
-    windows, as scikit-image computes it: torchmetrics' SSIM map without its padded border."""
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim_map
+def ssim(pred, target):
+    """Mean SSIM over images (a batch, or lists of images), each image's the mean over its
+    channels: scikit-image's, with the Gaussian window of Wang et al. 2004 (sigma 1.5)."""
+    from skimage.metrics import structural_similarity
 
-    cut, per_image = SSIM_WINDOW // 2, []
-    # oneDNN's kernel for this one-channel 11 x 11 window is slow on CPUs; None: leave the rest
-    with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None,
-                                     fp32_precision=None):
-        for p, t in zip(pred.split(batch_size), target.split(batch_size)):
-            _, full = ssim_map(p.float(), t.float(), data_range=1.0, reduction="none",
-                               return_full_image=True)  # n x C x H x W
-            per_image.append(full[..., cut:-cut, cut:-cut].flatten(1).mean(1))  # n
-    return torch.cat(per_image).mean().item()
+    total, count = 0.0, 0
+    for p, t in zip(image_batches(pred), image_batches(target)):  # n x C x H x W each
+        planes = [x.flatten(0, 1).float().cpu().numpy() for x in (p, t)]  # n * C x H x W
+        total += len(p) * structural_similarity(*planes, data_range=1.0, channel_axis=0,
+                                                gaussian_weights=True, sigma=1.5,
+                                                use_sample_covariance=False)
+        count += len(p)
+    return float(total / count)  # a Python float: numpy's would not load weights-only
 
 
 def fixed_noisy_test_set(clean, noise):
-    """The test images with noise drawn on the CPU from TEST_NOISE_SEED: every run, seed, epoch
-    and device is scored on the same noisy images."""
+    """The test images (a batch, or a list: each drawn alone) with noise drawn on the CPU from
+    TEST_NOISE_SEED: every run, seed, epoch and device is scored on the same noisy images."""
+    if isinstance(clean, list):
+        return [fixed_noisy_test_set(image[None], noise)[0] for image in clean]
     noisy = add_noise(clean.cpu(), noise, torch.Generator().manual_seed(TEST_NOISE_SEED))
     return noisy.to(clean.device)  # N x C x H x W
 
 
 def denoise(net, noisy, amp=False):
-    """The model's output for `noisy` (N x C x H x W), batch by batch, as float32; the model
-    is left in eval mode (train_epoch sets training mode again)."""
+    """The model's output for `noisy` as float32: a batch (N x C x H x W) batch by batch, or a
+    list of C x H x W images of any size, each tiled. Leaves the model in eval mode."""
+    if isinstance(noisy, list):
+        return [denoise_tiled(net, image, amp) for image in noisy]
     net.eval()
     with torch.no_grad(), torch.autocast(noisy.device.type, torch.bfloat16, enabled=amp):
         return torch.cat([net(chunk).float() for chunk in noisy.split(EVAL_BATCH_SIZE)])
+
+
+def denoise_tiled(net, image, amp=False, tile=TILE, margin=TILE_MARGIN):
+    """Denoise a C x H x W image in bounded memory, tile by tile, each with `margin` pixels of
+    context that are dropped, so that tiles join without seams; they start on multiples of the
+    model's size multiple, so each sees the pixel grid the whole image would."""
+    (h, w), multiple = image.shape[-2:], net.multiple
+    if h <= tile + 2 * margin and w <= tile + 2 * margin:
+        return denoise(net, image[None], amp)[0]
+    tile, margin = (math.ceil(n / multiple) * multiple for n in (tile, margin))
+    out = torch.empty_like(image)  # C x H x W
+    for top in range(0, h, tile):
+        for left in range(0, w, tile):
+            t0, l0 = max(0, top - margin), max(0, left - margin)
+            piece = denoise(net, image[None, :, t0:top + tile + margin,
+                                       l0:left + tile + margin], amp)[0]  # C x h' x w'
+            out[:, top:top + tile, left:left + tile] = piece[:, top - t0:top - t0 + tile,
+                                                             left - l0:left - l0 + tile]
+    return out
 
 
 def heldout_loss(net, noisy, loss, amp=False):
@@ -334,7 +366,7 @@ def setup(config, resumed, procs):
     finally:
         if rank == 0 and processes > 1:
             torch.distributed.barrier()
-    config = {**config, "dataset": ds.name, "channels": ds.test.shape[1]}
+    config = {**config, "dataset": ds.name, "channels": ds.test[0].shape[0]}
     torch.manual_seed(config["seed"])  # the initial weights
     train = training_images(ds.train, config["method"], config_noise(config), config["seed"])
     size = len(data.epoch_images(train, config["crop"], seeded(config["seed"], 1)))
@@ -366,12 +398,16 @@ def setup(config, resumed, procs):
 
 def test_scores(images, config):
     """score(net): a model's scores on the fixed noisy test set, score(None): the noisy input's;
-    with --noise none, the method's own loss on the held-out images as they are."""
+    with --noise none, the method's own loss on centre crops of the held-out images as they are.
+    `images`: a batch, or a list of images (photos, a folder), each scored whole."""
     amp, noise = config["precision"] == "bf16", config_noise(config)
     if noise.kind == "none":  # no clean image, no PSNR
-        return lambda net: net and {"test_loss": heldout_loss(net, images,
+        from torchvision.transforms.v2.functional import center_crop
+
+        crops = torch.stack([center_crop(image, [config["crop"]] * 2) for image in images])
+        return lambda net: net and {"test_loss": heldout_loss(net, crops,
                                                               METHODS[config["method"]], amp)}
-    noisy = fixed_noisy_test_set(images, noise)  # N x C x H x W
+    noisy = fixed_noisy_test_set(images, noise)  # N x C x H x W, or a list of C x H x W
 
     def score(net):
         restored = noisy if net is None else denoise(net, noisy, amp)  # N x C x H x W
@@ -463,17 +499,18 @@ def run_config(given, epochs, checkpoint=None, path=None):
         return {**old, "epochs": epochs, "data_dir": given.get("data_dir", old["data_dir"])}
     config = {**RUN_DEFAULTS, **given, "epochs": epochs}
     kind, folder = config["noise"], config["dataset"] == "folder"
+    cropped = config["dataset"] in ("photos", "folder")  # lists of images of any size
     level = NOISES[kind][1] if config["noise_level"] is None else config["noise_level"]
     if kind == "none" and (not folder or config["method"] in ("supervised", "noise2noise")):
         raise data.UserError("--noise none is for a --dataset folder of images that are noisy "
                              "already, with --method noise2self or neighbor2neighbor")
     check_levels(kind, np.atleast_1d(level))
-    if config["crop"] is not None and (not folder or config["crop"] % 2):
-        raise data.UserError("--crop is for --dataset folder, an even number of pixels")
+    if config["crop"] is not None and (not cropped or config["crop"] % 2):
+        raise data.UserError("--crop is for --dataset photos or folder, an even number of pixels")
     if len(config["widths"] or []) > model.ARCHS[config["arch"]].max_levels:
         raise data.UserError(f"--widths: at most {model.ARCHS[config['arch']].max_levels} levels")
     return {**config, "noise_level": level, "crop": (config["crop"] or data.DEFAULT_CROP)
-            if folder else None, "widths": config["widths"] or list(
+            if cropped else None, "widths": config["widths"] or list(
                 model.ARCHS[config["arch"]].default_widths)}
 
 
@@ -540,11 +577,12 @@ def parse_args(argv=None):
     p.add_argument("--lr-schedule", choices=("constant", "onecycle"), help="onecycle: torch's "
                    "OneCycleLR, up to --lr in 30%% of the steps, then down; try --lr 3e-3")
     p.add_argument("--dataset", choices=data.DATASETS, help="mnist falls back to mnist-sample "
-                   "offline; folder: every PNG/JPEG/TIFF under --data-dir (default: mnist)")
+                   "offline; photos: scikit-image's; folder: every PNG/JPEG/TIFF under "
+                   "--data-dir (default: mnist)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="1 (gray) or 3 (colour) "
                    "(default: the data set's; colour for a folder)")
-    p.add_argument("--crop", type=number(int, 16), help="--dataset folder: train on random "
-                   f"crops, test on centre crops of this size (default: {data.DEFAULT_CROP})")
+    p.add_argument("--crop", type=number(int, 16), help="--dataset photos or folder: train on "
+                   f"random crops of this size (default: {data.DEFAULT_CROP})")
     p.add_argument("--method", choices=METHODS, help="supervised (default): clean images, noise "
                    "added per batch; the others learn from noisy images alone, drawn once")
     p.add_argument("--clip", choices=("on", "off"), help="clip noisy pixels to [0, 1] (default: "
@@ -552,7 +590,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=model.ARCHS, help="model (default: basic; dncnn for photos)")
     p.add_argument("--widths", type=lambda t: [number(int, 1, model.MAX_WIDTH)(w) for w in
                                                t.split(",")], help="channels per level, e.g. "
-                   "32,64 (default: basic 32,64; deep and unet 16,32; dncnn 8 of 48)")
+                   "32,64 (default: basic 32,64; deep and unet 16,32; dncnn 8 of 32)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), help="seeds weights, data order "
                    "and noise (default: 0)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: bfloat16 autocast for "
@@ -588,7 +626,9 @@ def main(argv=None):
         path = output_path(args.checkpoint or args.resume or DEFAULT_CHECKPOINT, args.resume,
                            args.overwrite)
         ds, config, run = setup(config, resumed, procs)
-        score = test_scores(ds.test.to(procs[2]), config) if procs[0] == 0 else None
+        test = ds.test.to(procs[2]) if isinstance(ds.test, torch.Tensor) else [
+            image.to(procs[2]) for image in ds.test]
+        score = test_scores(test, config) if procs[0] == 0 else None
         baseline = score(None) if score else None  # what "do nothing" scores
         if baseline:
             print(f"noisy input ({config_noise(config)}): {shown(baseline)}")

@@ -24,7 +24,7 @@ SWEEP_LEVELS = {"gaussian": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
                 "salt-pepper": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5], "poisson": [100, 50, 20, 10, 5, 2]}
 BLUR_SIGMAS = (0.3, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0)  # Gaussian blur widths (pixels) tried per level
 TUNE_IMAGES = 500  # training images (never scored) on which each level's blur width is chosen
-TILE, TILE_MARGIN = 512, 64  # --image: tiles of bounded memory; context wider than a model sees
+FIGURE_SIDE = 256  # photos are denoised and scored whole, and shown as centre crops this size
 
 
 def draw_comparison(noisy, clean, denoised, title, inches=1.25):
@@ -58,8 +58,8 @@ def median_filter(images, size=3):
     """scipy's median of each `size` x `size` window, per image and channel, edges reflected."""
     from scipy import ndimage
 
-    return torch.from_numpy(ndimage.median_filter(images.numpy(), size=(1, 1, size, size),
-                                                  mode="reflect"))
+    window = (1,) * (images.dim() - 2) + (size, size)  # ... x H x W
+    return torch.from_numpy(ndimage.median_filter(images.numpy(), size=window, mode="reflect"))
 
 
 def gaussian_blur(images, sigma):
@@ -73,7 +73,11 @@ def gaussian_blur(images, sigma):
 def sweep(nets, test_clean, tune_clean, kind, levels, clip=True):
     """Score the noisy input, a 3x3 median filter, a Gaussian blur (its width tuned on
     `tune_clean`) and each of `nets` ({name: model}) at each level, on one noise draw of
-    `test_clean`: a dict per level, {"level", "blur_sigma", "scores": {name: (PSNR, SSIM)}}."""
+    `test_clean` (a batch, or a list of images): a dict per level, {"level", "blur_sigma",
+    "scores": {name: (PSNR, SSIM)}}."""
+    def each(f, images):  # a filter of a batch, or of each image of a list
+        return f(images) if isinstance(images, torch.Tensor) else [f(x) for x in images]
+
     rows = []
     for level in levels:
         noise = train.Noise(kind, level, clip)
@@ -81,8 +85,8 @@ def sweep(nets, test_clean, tune_clean, kind, levels, clip=True):
         tune_noisy = train.fixed_noisy_test_set(tune_clean, noise)
         sigma = max(BLUR_SIGMAS, key=lambda s: train.psnr(gaussian_blur(tune_noisy, s),
                                                           tune_clean))
-        outputs = {"noisy input": noisy, "median 3x3": median_filter(noisy),
-                   "Gaussian blur": gaussian_blur(noisy, sigma),
+        outputs = {"noisy input": noisy, "median 3x3": each(median_filter, noisy),
+                   "Gaussian blur": each(lambda x: gaussian_blur(x, sigma), noisy),
                    **{name: train.denoise(net, noisy) for name, net in nets.items()}}
         scores = {name: (train.psnr(out, test_clean), train.ssim(out, test_clean))
                   for name, out in outputs.items()}
@@ -141,33 +145,14 @@ def draw_curves(history, title):
 # ---------------------------------------------------------------- your own image
 
 
-def denoise_tiled(net, image, tile=TILE, margin=TILE_MARGIN):
-    """Denoise a C x H x W image in bounded memory, tile by tile, each with `margin` pixels of
-    context that are dropped, so that tiles join without seams; they start on multiples of the
-    model's size multiple, so each sees the pixel grid the whole image would."""
-    (h, w), multiple = image.shape[-2:], net.multiple
-    if h <= tile + 2 * margin and w <= tile + 2 * margin:
-        return train.denoise(net, image[None])[0]
-    tile, margin = (math.ceil(n / multiple) * multiple for n in (tile, margin))
-    out = torch.empty_like(image)  # C x H x W
-    for top in range(0, h, tile):
-        for left in range(0, w, tile):
-            t0, l0 = max(0, top - margin), max(0, left - margin)
-            piece = train.denoise(net, image[None, :, t0:top + tile + margin,
-                                             l0:left + tile + margin])[0]  # C x h' x w'
-            out[:, top:top + tile, left:left + tile] = piece[:, top - t0:top - t0 + tile,
-                                                             left - l0:left - l0 + tile]
-    return out
-
-
 def denoise_planes(net, image, channels):
     """Denoise a C x H x W image in its own channels with a model of `channels`: a gray model
     denoises each colour plane; a colour model sees a gray image in all three, turned back."""
     if len(image) == channels:
-        return denoise_tiled(net, image)
+        return train.denoise_tiled(net, image)
     if channels == 1:
-        return torch.cat([denoise_tiled(net, plane[None]) for plane in image])
-    return data.convert_channels(denoise_tiled(net, image.expand(3, -1, -1)), 1)
+        return torch.cat([train.denoise_tiled(net, plane[None]) for plane in image])
+    return data.convert_channels(train.denoise_tiled(net, image.expand(3, -1, -1)), 1)
 
 
 # ---------------------------------------------------------------- the commands
@@ -193,17 +178,26 @@ def save_figure(fig, path):
 
 def figure(net, config, ds, noise, n, seed):
     """The default figure, (figure, title): `n` test images picked by `seed`, with the noise
-    that train.py scores them with."""
-    idx = torch.randperm(len(ds.test), generator=torch.Generator().manual_seed(seed))[:n]
-    clean, noisy = ds.test[idx], train.fixed_noisy_test_set(ds.test, noise)[idx]  # n x C x H x W
+    that train.py scores them with; images of any size are denoised and scored whole, and
+    shown as centre crops of at most FIGURE_SIDE pixels."""
+    from torchvision.transforms.v2.functional import center_crop
+
+    pick = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds.test), generator=pick)[:n].tolist()
+    noisy_set = train.fixed_noisy_test_set(ds.test, noise)
+    clean, noisy = [ds.test[i] for i in idx], [noisy_set[i] for i in idx]  # n of C x H x W
     denoised = train.denoise(net, noisy, config["precision"] == "bf16")  # as train.py scores
     if noise.kind == "none":  # nothing clean to show or score
-        clean, title = None, f"{ds.name} held-out images as they are, and denoised"
+        title = f"{ds.name} held-out images as they are, and denoised"
     else:
         title = (f"{ds.name}, noise {noise}: mean PSNR {train.psnr(noisy, clean):.1f} dB noisy "
                  f"-> {train.psnr(denoised, clean):.1f} dB denoised")
+    side = min(FIGURE_SIDE, *(min(image.shape[-2:]) for image in clean))
+    noisy, clean, denoised = (torch.stack([center_crop(x, [side, side]) for x in images])
+                              for images in (noisy, clean, denoised))  # n x C x side x side
     title += f" by {model_name(config)}"
-    return draw_comparison(noisy, clean, denoised, title), title
+    return draw_comparison(noisy, None if noise.kind == "none" else clean, denoised,
+                           title), title
 
 
 def denoise_file(net, config, path, out, overwrite):
