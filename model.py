@@ -130,26 +130,42 @@ class UNet(Denoiser):
         return self.head(h)
 
 
+def noise_level(x):
+    """Each image's noise standard deviation, N x C x H x W -> N, by Donoho's rule as
+    scikit-image's estimate_sigma applies it: the median absolute diagonal Haar detail
+    coefficient / 0.6745. White noise of std s gives those coefficients std s; edges are few."""
+    x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2), mode="replicate")  # even H, W
+    a, b, c, d = (x[..., i::2, j::2] for i in (0, 1) for j in (0, 1))  # N x C x H/2 x W/2 each
+    detail = (a - b - c + d) / 2  # N x C x H/2 x W/2
+    return detail.abs().flatten(1).median(1).values / 0.6745  # N
+
+
 class DnCNN(Denoiser):
     """Residual learning at full resolution, for photos (Zhang et al., IEEE TIP 2017): a stack
     of 3x3 conv-ReLU layers, one per entry of `widths`, predicts the noise, which is taken from
     the input. No striding, so no grid in the output; no sigmoid, so no pull to black. No
-    BatchNorm either: trained blind (a noise level per image) its batch statistics mix the
-    levels, and it scored 0.9 dB lower on held-out photos in the same time (docs/results.md)."""
+    BatchNorm: trained blind (a noise level per image) its batch statistics mix the levels,
+    and it scored 0.9 dB lower on held-out photos in the same time (docs/results.md). Its
+    input has one more plane, the image's estimated noise level (as FFDNet's has the true
+    one): a 17-pixel receptive field cannot tell weak noise from texture; the whole image can."""
 
     default_widths, max_levels, multiple = (32,) * 8, 20, 1
 
     def __init__(self, channels=1, widths=None):
         super().__init__()
-        self.widths, layers, c = tuple(widths or self.default_widths), [], channels
+        self.widths, layers, c = tuple(widths or self.default_widths), [], channels + 1
         for w in self.widths:  # each layer from the one before
             layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(inplace=True)]
             c = w
         self.noise = nn.Sequential(*layers, nn.Conv2d(c, channels, 3, padding=1))
 
-    def run(self, x):  # N x C x H x W -> N x C x H x W
-        """The input less the predicted noise; in eval mode clamped to [0, 1]."""
-        out = x - self.noise(x)
+    def forward(self, x, level=None):  # N x C x H x W -> N x C x H x W
+        """The input less the predicted noise; in eval mode clamped to [0, 1]. `level`: each
+        image's noise level (N), estimated from x if not given (denoise_tiled gives the tiles
+        of an image the level of the whole, so that they agree)."""
+        level = noise_level(x) if level is None else level
+        plane = level.view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])  # N x 1 x H x W
+        out = x - self.noise(torch.cat([x, plane.to(x.dtype)], 1))
         return out if self.training else out.clamp(0, 1)
 
 

@@ -152,6 +152,19 @@ def test_model_sizes_are_capped():
             model.build_model({**config, **bad})
 
 
+def test_dncnn_is_given_the_noise_level_that_scikit_image_estimates():
+    from skimage.restoration import estimate_sigma
+
+    clean = data.photo("camera", 1)[None]  # 1 x 1 x 512 x 512
+    for sigma in (0.05, 0.1):
+        noisy = train.add_noise(clean, train.Noise("gaussian", sigma, clip=False),
+                                torch.Generator().manual_seed(0))
+        level = model.noise_level(noisy).item()
+        assert level == pytest.approx(estimate_sigma(noisy[0, 0].double().numpy()), rel=0.02)
+        assert level == pytest.approx(sigma, rel=0.1)  # the photo's edges add a little
+    assert model.noise_level(torch.rand(2, 3, 1, 5)).shape == (2,)  # odd sizes, one row
+
+
 @pytest.mark.parametrize("arch", model.ARCHS)
 def test_every_architecture_learns_under_several_seeds(sample, arch):
     for seed in range(3):

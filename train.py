@@ -254,14 +254,15 @@ def fixed_noisy_test_set(clean, noise):
     return noisy.to(clean.device)  # N x C x H x W
 
 
-def denoise(net, noisy, amp=False):
+def denoise(net, noisy, amp=False, **extra):
     """The model's output for `noisy` as float32: a batch (N x C x H x W) batch by batch, or a
-    list of C x H x W images of any size, each tiled. Leaves the model in eval mode."""
+    list of C x H x W images of any size, each tiled. Leaves the model in eval mode. `extra`:
+    for the model, with one image."""
     if isinstance(noisy, list):
         return [denoise_tiled(net, image, amp) for image in noisy]
     net.eval()
     with torch.no_grad(), torch.autocast(noisy.device.type, torch.bfloat16, enabled=amp):
-        return torch.cat([net(chunk).float() for chunk in noisy.split(EVAL_BATCH_SIZE)])
+        return torch.cat([net(chunk, **extra).float() for chunk in noisy.split(EVAL_BATCH_SIZE)])
 
 
 def denoise_tiled(net, image, amp=False, tile=TILE, margin=TILE_MARGIN):
@@ -271,13 +272,15 @@ def denoise_tiled(net, image, amp=False, tile=TILE, margin=TILE_MARGIN):
     (h, w), multiple = image.shape[-2:], net.multiple
     if h <= tile + 2 * margin and w <= tile + 2 * margin:
         return denoise(net, image[None], amp)[0]
+    # dncnn takes the noise level of the whole image: tiles estimating their own would not agree
+    extra = {"level": model.noise_level(image[None])} if isinstance(net, model.DnCNN) else {}
     tile, margin = (math.ceil(n / multiple) * multiple for n in (tile, margin))
     out = torch.empty_like(image)  # C x H x W
     for top in range(0, h, tile):
         for left in range(0, w, tile):
             t0, l0 = max(0, top - margin), max(0, left - margin)
             piece = denoise(net, image[None, :, t0:top + tile + margin,
-                                       l0:left + tile + margin], amp)[0]  # C x h' x w'
+                                       l0:left + tile + margin], amp, **extra)[0]  # C x h' x w'
             out[:, top:top + tile, left:left + tile] = piece[:, top - t0:top - t0 + tile,
                                                              left - l0:left - l0 + tile]
     return out

@@ -8,9 +8,10 @@ Held out: camera (gray), coffee and the left view of the stereo motorcycle (colo
 scikit-image ships them, the photos that `train.py --dataset photos` holds out; the gray tables
 take the colour ones' luminance too. Gaussian noise of sigma 15, 25 and 50 out of 255, drawn
 once per image and clipped to [0, 1] as train.py draws its test noise. The blur's width and
-the TV weight are tuned on three training photos, never on held-out ones. Per method: PSNR and SSIM per image, averaged; seconds per image; `grid`, the largest
-spread of the mean error over the 16 phases (row mod 4, column mod 4), in grey levels of 255;
-`cast`, the mean error of each channel, in grey levels.
+the TV weight are tuned on three training photos, never on held-out ones. Per method: PSNR
+and SSIM per image, averaged; seconds per image; `grid`, the largest spread of the mean error
+over the 16 phases (row mod 4, column mod 4), in grey levels of 255; `cast`, the mean error of
+each channel, in grey levels.
 """
 
 import argparse
