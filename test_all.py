@@ -760,6 +760,24 @@ def test_speed_benchmark_runs_offline(capsys):
     assert "median ratio (project / tutorial)" in out and "median ratio (bf16 / fp32)" in out
 
 
+@pytest.mark.parametrize("channels, name", [(1, "photos-gray.pt"), (3, "photos-colour.pt")])
+def test_the_shipped_photo_models_beat_non_local_means_on_a_held_out_photo(channels, name):
+    import benchmarks.photos
+
+    path = os.path.join(ROOT, "weights", name)
+    assert os.path.getsize(path) < 1_000_000
+    checkpoint, net = train.restore(path, "cpu")[:2]
+    assert checkpoint["config"]["dataset"] == "photos" and "coffee" in data.PHOTOS_TEST
+    clean = data.photo("coffee", channels)[None]  # 1 x C x 400 x 600, never trained on
+    noisy = train.fixed_noisy_test_set(clean, train.Noise("gaussian", 25 / 255))
+    ours, nlm = train.denoise(net, noisy), benchmarks.photos.nl_means(noisy)
+    assert train.psnr(ours, clean) > train.psnr(nlm, clean)
+    assert train.ssim(ours, clean) > train.ssim(nlm, clean)
+    data.write_image("coffee.png", data.to_pixels(noisy[0], torch.uint8))
+    assert visualize.main(["--checkpoint", path, "--image", "coffee.png"]) == 0  # no training
+    assert data.read_image("coffee_denoised.png").shape == clean.shape[1:]
+
+
 def test_photo_benchmark_scores_the_classical_filters_offline(one_epoch, capsys):
     import benchmarks.photos
 
