@@ -130,10 +130,12 @@ class UNet(Denoiser):
         return self.head(h)
 
 
-def noise_level(x):
+def estimate_noise_level(x):
     """Each image's noise standard deviation, N x C x H x W -> N, by Donoho's rule as
     scikit-image's estimate_sigma applies it: the median absolute diagonal Haar detail
-    coefficient / 0.6745. White noise of std s gives those coefficients std s; edges are few."""
+    coefficient / 0.6745. White noise of std s gives those coefficients std s; edges are few.
+    One median over all channels (scikit-image averages one per channel: the same for noise
+    alike in every channel)."""
     x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2), mode="replicate")  # even H, W
     a, b, c, d = (x[..., i::2, j::2] for i in (0, 1) for j in (0, 1))  # N x C x H/2 x W/2 each
     detail = (a - b - c + d) / 2  # N x C x H/2 x W/2
@@ -163,9 +165,9 @@ class DnCNN(Denoiser):
         """The input less the predicted noise; in eval mode clamped to [0, 1]. `level`: each
         image's noise level (N), estimated from x if not given (denoise_tiled gives the tiles
         of an image the level of the whole, so that they agree)."""
-        level = noise_level(x) if level is None else level
-        plane = level.view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])  # N x 1 x H x W
-        out = x - self.noise(torch.cat([x, plane.to(x.dtype)], 1))
+        level = estimate_noise_level(x) if level is None else level
+        plane = level.to(x).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])  # N x 1 x H x W
+        out = x - self.noise(torch.cat([x, plane], 1))
         return out if self.training else out.clamp(0, 1)
 
 

@@ -159,10 +159,10 @@ def test_dncnn_is_given_the_noise_level_that_scikit_image_estimates():
     for sigma in (0.05, 0.1):
         noisy = train.add_noise(clean, train.Noise("gaussian", sigma, clip=False),
                                 torch.Generator().manual_seed(0))
-        level = model.noise_level(noisy).item()
+        level = model.estimate_noise_level(noisy).item()
         assert level == pytest.approx(estimate_sigma(noisy[0, 0].double().numpy()), rel=0.02)
         assert level == pytest.approx(sigma, rel=0.1)  # the photo's edges add a little
-    assert model.noise_level(torch.rand(2, 3, 1, 5)).shape == (2,)  # odd sizes, one row
+    assert model.estimate_noise_level(torch.rand(2, 3, 1, 5)).shape == (2,)  # odd sizes
 
 
 @pytest.mark.parametrize("arch", model.ARCHS)

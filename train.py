@@ -257,7 +257,7 @@ def fixed_noisy_test_set(clean, noise):
 def denoise(net, noisy, amp=False, **extra):
     """The model's output for `noisy` as float32: a batch (N x C x H x W) batch by batch, or a
     list of C x H x W images of any size, each tiled. Leaves the model in eval mode. `extra`:
-    for the model, with one image."""
+    keyword arguments for the model (denoise_tiled's `level` for a dncnn's tiles)."""
     if isinstance(noisy, list):
         return [denoise_tiled(net, image, amp) for image in noisy]
     net.eval()
@@ -273,7 +273,8 @@ def denoise_tiled(net, image, amp=False, tile=TILE, margin=TILE_MARGIN):
     if h <= tile + 2 * margin and w <= tile + 2 * margin:
         return denoise(net, image[None], amp)[0]
     # dncnn takes the noise level of the whole image: tiles estimating their own would not agree
-    extra = {"level": model.noise_level(image[None])} if isinstance(net, model.DnCNN) else {}
+    extra = ({"level": model.estimate_noise_level(image[None])}
+             if isinstance(net, model.DnCNN) else {})
     tile, margin = (math.ceil(n / multiple) * multiple for n in (tile, margin))
     out = torch.empty_like(image)  # C x H x W
     for top in range(0, h, tile):
