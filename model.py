@@ -149,7 +149,7 @@ class DnCNN(Denoiser):
     BatchNorm: trained blind (a noise level per image) its batch statistics mix the levels,
     and it scored 0.9 dB lower on held-out photos in the same time (docs/results.md). Its
     input has one more plane, the image's estimated noise level (as FFDNet's has the true
-    one): a 17-pixel receptive field cannot tell weak noise from texture; the whole image can."""
+    one): a 19-pixel receptive field cannot tell weak noise from texture; the whole image can."""
 
     default_widths, max_levels, multiple = (32,) * 8, 20, 1
 
