@@ -28,6 +28,7 @@ DEFAULT_CHECKPOINT = "checkpoints/autoencoder.pt"
 TEST_NOISE_SEED = 2024  # independent of --seed: every run and epoch is scored on the same noise
 EVAL_BATCH_SIZE = 1000  # inference only: large batches are fastest and fit easily in memory
 TILE, TILE_MARGIN = 512, 64  # large images: tiles of bounded memory, context wider than models see
+USEFUL_GAIN_DB = 0.5  # a model less than this above the noisy input is warned about
 HELDOUT_DRAWS = 16  # a self-supervised held-out loss is averaged over this many random masks
 SHOWN = {"test_psnr": "test PSNR {:.2f} dB", "test_ssim": "SSIM {:.4f}",
          "test_loss": "held-out loss {:.5f}"}  # how an epoch's line shows its scores
@@ -460,11 +461,14 @@ def shown(scores):
 
 
 def finish(path, history, baseline):
-    """The closing lines; a warning if the model made the images worse than the noisy input."""
-    if baseline and history[-1]["test_psnr"] < baseline["test_psnr"]:
-        print(f"train.py: warning: the model scores {history[-1]['test_psnr']:.2f} dB, below the "
-              f"noisy input's {baseline['test_psnr']:.2f} dB: it makes images worse (--lr too "
-              f"high?)", file=sys.stderr)
+    """The closing lines; a warning if the model scores less than USEFUL_GAIN_DB above the noisy
+    input (a run that diverged may settle on the identity, just above it, with no error)."""
+    gain = history[-1]["test_psnr"] - baseline["test_psnr"] if baseline else math.inf
+    if gain < USEFUL_GAIN_DB:
+        verdict = "makes images worse" if gain < 0 else "hardly denoises"
+        print(f"train.py: warning: the model scores {history[-1]['test_psnr']:.2f} dB, the noisy "
+              f"input {baseline['test_psnr']:.2f} dB: it {verdict} (--lr too high? too few "
+              f"--epochs?)", file=sys.stderr)
     print(f"checkpoint: {path}\ndraw the figure: python visualize.py"
           + ("" if path == DEFAULT_CHECKPOINT else f" --checkpoint {path}"))
     return 0
