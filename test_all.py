@@ -499,7 +499,7 @@ def test_flags_are_recorded_and_a_worse_model_is_warned_about(tmp_path, capsys):
 @pytest.mark.parametrize("score, said", [(19.0, "makes images worse"), (20.04, "hardly denoises"),
                                          (20.6, None)])
 def test_a_model_that_hardly_beats_the_noisy_input_is_warned_about(score, said, capsys):
-    # a diverged run can settle on the identity, a hair above the input: no error, 80 epochs lost
+    # a diverged run can settle on the identity, a hair above the input, with no error at all
     assert train.finish("c.pt", [{"test_psnr": score}], {"test_psnr": 20.0}) == 0
     err = capsys.readouterr().err
     assert (said in err) if said else err == ""

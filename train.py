@@ -583,7 +583,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=number(int, 2), help="images per step (default: 128)")
     p.add_argument("--lr", type=number(float, 1e-12), help="Adam's learning rate (default: 1e-3)")
     p.add_argument("--lr-schedule", choices=("constant", "onecycle"), help="onecycle: torch's "
-                   "OneCycleLR, up to --lr in 30%% of the steps, then down; try --lr 3e-3")
+                   "OneCycleLR, up to --lr in 30%% of the steps, then down; try --lr 3e-3 "
+                   "(dncnn on photos: 1e-3)")
     p.add_argument("--dataset", choices=data.DATASETS, help="mnist falls back to mnist-sample "
                    "offline; photos: scikit-image's; folder: every PNG/JPEG/TIFF under "
                    "--data-dir (default: mnist)")
