@@ -17,8 +17,9 @@ import torch
 
 DATASETS = ("mnist", "mnist-sample", "fashion-mnist", "cifar10", "photos", "folder")
 DOWNLOAD_TIMEOUT = 30  # seconds per connection; torchvision sets none, so a firewall would hang
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TIFF_SUFFIXES = (".tif", ".tiff")
+WRITE_SUFFIXES = (".png", ".jpg", ".jpeg", *TIFF_SUFFIXES)
+IMAGE_SUFFIXES = (*WRITE_SUFFIXES, ".webp", ".gif", ".avif", ".heic", ".heif")  # what is read
 SPLIT_SEED = 0  # fixes the held-out part of the bundled sample and of a folder for everyone
 FOLDER_TEST_FRACTION = 0.1  # of a folder's files, at least one
 DEFAULT_CROP = 64
@@ -127,11 +128,15 @@ def photo(name, channels):
     return convert_channels(to_float(torch.from_numpy(array).permute(2, 0, 1)), channels)
 
 
-def load_photos(channels):
+def load_photos(channels, crop=DEFAULT_CROP):
     """scikit-image's photos as a data set of lists of C x H x W images: PHOTOS_TRAIN to train
-    on, PHOTOS_TEST held out whole."""
-    return Data([photo(n, channels) for n in PHOTOS_TRAIN],
-                [photo(n, channels) for n in PHOTOS_TEST],
+    on (in `crop` x `crop` crops: UserError if one is smaller), PHOTOS_TEST held out whole."""
+    train = [photo(n, channels) for n in PHOTOS_TRAIN]
+    side = min(min(image.shape[-2:]) for image in train)
+    if crop > side:
+        raise UserError(f"--crop {crop} is larger than the smallest training photo ({side} "
+                        f"pixels high or wide); at most {side}")
+    return Data(train, [photo(n, channels) for n in PHOTOS_TEST],
                 f"data: photos, the {len(PHOTOS_TRAIN)} photos scikit-image installs to train on,"
                 f" {', '.join(PHOTOS_TEST)} held out whole", "photos")
 
@@ -141,9 +146,9 @@ def load_photos(channels):
 
 def read_image(path):
     """An image file as C x H x W integer pixels (uint8, or uint16 for a 16-bit file), C = 1
-    (gray) or 3 (RGB): PNG and JPEG through torchvision.io (turned upright by EXIF), TIFF
-    through tifffile. Raises UserError (one line) for anything else."""
-    from torchvision.io import ImageReadMode, decode_image
+    (gray) or 3 (RGB): TIFF through tifffile, the rest through TorchCodec (PNG, JPEG turned
+    upright by EXIF, WebP, GIF, AVIF, HEIC). Raises UserError (one line) for anything else."""
+    from torchcodec.decoders import decode_image
 
     if not os.path.isfile(path):  # a folder would fail late, a FIFO would block
         raise UserError(f"cannot read image {path}: not a regular file")
@@ -164,10 +169,10 @@ def read_image(path):
             pixels = torch.from_numpy(np.ascontiguousarray(np.atleast_3d(array).transpose(2, 0, 1)))
         else:
             blob = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
-            pixels = decode_image(blob, apply_exif_orientation=True)  # C x H x W, as stored
-            if len(pixels) not in (1, 3):  # alpha, CMYK: the library converts
-                mode = ImageReadMode.GRAY if len(pixels) == 2 else ImageReadMode.RGB
-                pixels = decode_image(blob, mode=mode, apply_exif_orientation=True)
+            pixels = decode_image(blob, mode="UNCHANGED", output_dtype="auto")  # C x H x W
+            if pixels.dim() == 3 and len(pixels) in (2, 4):  # alpha, CMYK: the library converts
+                pixels = decode_image(blob, mode="GRAY" if len(pixels) == 2 else "RGB",
+                                      output_dtype="auto")
     except Exception as e:  # truncated, damaged, not an image
         raise UserError(f"cannot read image {path}: {' '.join(str(e).split())[:160]}") from e
     if pixels.dim() != 3 or len(pixels) not in (1, 3) or pixels.dtype not in (torch.uint8,
@@ -179,32 +184,44 @@ def read_image(path):
 
 def write_image(path, pixels):
     """Save C x H x W pixels (uint8: an 8-bit file; uint16: 16-bit) atomically as PNG, JPEG
-    (8-bit only) or TIFF, by the suffix. Raises UserError."""
-    import imagecodecs
-    import tifffile
-    from torchvision.io import encode_jpeg
-
+    (8-bit only) or TIFF, by the suffix: TorchCodec encodes 8-bit PNG and JPEG, imagecodecs
+    (libpng) 16-bit PNG, tifffile TIFF. Raises UserError."""
     suffix, deep = os.path.splitext(path)[1].lower(), pixels.dtype == torch.uint16
-    if suffix not in IMAGE_SUFFIXES or deep and suffix in (".jpg", ".jpeg"):
+    if suffix not in WRITE_SUFFIXES or deep and suffix in (".jpg", ".jpeg"):
         raise UserError(f"{path}: name a .png or .tif file" + (" (JPEG holds 8 bits, these "
                         "pixels have 16)" if deep else ", or .jpg"))
-    array = np.ascontiguousarray(pixels.permute(1, 2, 0).squeeze(2).numpy())  # H x W (x 3)
+    array = pixels.permute(1, 2, 0).squeeze(2).numpy().copy()  # H x W (x 3), strides libpng takes
     if suffix in TIFF_SUFFIXES:
+        import tifffile
+
         blob = io.BytesIO()
         tifffile.imwrite(blob, array, photometric="minisblack" if array.ndim == 2 else "rgb")
         blob = blob.getvalue()
-    elif suffix == ".png":  # 8 or 16 bits
+    elif deep:  # TorchCodec's PNG encoder takes 8 bits only
+        import imagecodecs
+
         blob = imagecodecs.png_encode(array)
     else:
-        blob = encode_jpeg(pixels, quality=95).numpy().tobytes()
+        from torchcodec.encoders import JpegEncoder, PngEncoder
+
+        blob = (PngEncoder(pixels).to_tensor() if suffix == ".png" else
+                JpegEncoder(pixels).to_tensor(quality=95)).numpy().tobytes()
     atomic_write(path, lambda f: f.write(blob))
 
 
 def image_files(folder):
-    """Every PNG, JPEG and TIFF regular file under `folder`, recursively, sorted (so that the
-    held-out split is the same everywhere). Never a FIFO: reading it would block."""
-    return sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
-                  if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(root, f)))
+    """Every image file (IMAGE_SUFFIXES) under `folder`, recursively, sorted (so that the
+    held-out split is the same everywhere); symlinked folders are followed, each folder read
+    once (a link to a parent cannot loop). Never a FIFO: reading it would block."""
+    seen, found = set(), []
+    for root, folders, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            folders.clear()  # read already, through another path: not its files, not below
+            continue
+        seen.add(os.path.realpath(root))
+        found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)
+                  and os.path.isfile(os.path.join(root, f))]
+    return sorted(found)
 
 
 def load_folder(folder, channels, crop):
@@ -217,7 +234,7 @@ def load_folder(folder, channels, crop):
     images = [convert_channels(to_float(read_image(p)), channels) for p in paths]
     fits = [image for image in images if min(image.shape[-2:]) >= crop]
     if len(fits) < 2:
-        raise UserError(f"{folder} has {len(fits)} PNG/JPEG/TIFF images of at least {crop}x{crop}"
+        raise UserError(f"{folder} has {len(fits)} images of at least {crop}x{crop}"
                         f" pixels (of {len(paths)}); a folder data set needs 2 or more: a "
                         f"smaller --crop, or more images")
     order = torch.randperm(len(fits), generator=torch.Generator().manual_seed(SPLIT_SEED))
@@ -232,9 +249,10 @@ def load_folder(folder, channels, crop):
 
 def load_dataset(name, data_dir, channels=None, crop=DEFAULT_CROP):
     """Load data set `name` (DATASETS) with `channels` channels (1 or 3; None keeps the set's
-    own, and means colour for photos and a folder); `crop` is for a folder. Raises UserError."""
+    own, and means colour for photos and a folder); `crop` is for photos and a folder. Raises
+    UserError."""
     if name == "photos":
-        return load_photos(channels or 3)
+        return load_photos(channels or 3, crop)
     if name == "folder":
         return load_folder(data_dir, channels or 3, crop)
     ds = load_builtin(name, data_dir)
@@ -260,12 +278,23 @@ def random_crops(images, size, copies, generator):
     return torch.stack(crops)
 
 
+def turned(crops, generator):
+    """Each square crop (N x C x S x S) flipped and rotated by one of the 8 ways a square can
+    lie, drawn from `generator`: bit 0 flips left-right, bit 1 upside down, bit 2 transposes."""
+    turn = torch.randint(0, 8, (len(crops), 1, 1, 1), generator=generator)  # N x 1 x 1 x 1
+    crops = torch.where(turn % 2 == 1, crops.flip(-1), crops)
+    crops = torch.where(turn // 2 % 2 == 1, crops.flip(-2), crops)
+    return torch.where(turn >= 4, crops.transpose(-1, -2), crops)  # N x C x S x S
+
+
 def epoch_images(train, crop, generator):
     """The training images of one epoch: the tensor itself for the built-in sets; for photos and
-    a folder (a list of images), fresh random crops, MIN_CROPS_PER_EPOCH or a few more."""
+    a folder (a list of images), fresh random crops, MIN_CROPS_PER_EPOCH or a few more, each
+    turned one of the 8 ways (photos have no up or left that the noise knows of)."""
     if isinstance(train, torch.Tensor):
         return train
-    return random_crops(train, crop, math.ceil(MIN_CROPS_PER_EPOCH / len(train)), generator)
+    copies = math.ceil(MIN_CROPS_PER_EPOCH / len(train))
+    return turned(random_crops(train, crop, copies, generator), generator)
 
 
 # ---------------------------------------------------------------- writing files safely
@@ -275,15 +304,16 @@ def atomic_write(path, write):
     """Call write(binary file) on a temporary file beside `path`, flush it to disk, then rename
     it over `path`: a crash, a kill or a full disk leaves the previous file whole. An OSError
     (no room, no permission) is a UserError."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    target = os.path.realpath(path)  # through a symlink, as open(path, "wb") would write
+    folder = os.path.dirname(target)
+    tmp = os.path.join(folder, f".{os.path.basename(target)}.{os.getpid()}.tmp")
     try:
         os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError as e:
         raise UserError(f"cannot write {path} ({e}); the file is as it was") from e
     finally:

@@ -29,6 +29,7 @@ TEST_NOISE_SEED = 2024  # independent of --seed: every run and epoch is scored o
 EVAL_BATCH_SIZE = 1000  # inference only: large batches are fastest and fit easily in memory
 TILE, TILE_MARGIN = 512, 64  # large images: tiles of bounded memory, context wider than models see
 USEFUL_GAIN_DB = 0.5  # a model less than this above the noisy input is warned about
+MAX_NOISE_LEVEL = 1e6  # above any useful level of any type; float32 holds it (1e39 is infinite)
 HELDOUT_DRAWS = 16  # a self-supervised held-out loss is averaged over this many random masks
 SHOWN = {"test_psnr": "test PSNR {:.2f} dB", "test_ssim": "SSIM {:.4f}",
          "test_loss": "held-out loss {:.5f}"}  # how an epoch's line shows its scores
@@ -63,7 +64,9 @@ def add_noise(images, noise, generator):
     """Noisy copies of `images` (N x C x H x W in [0, 1]), clipped to [0, 1] if noise.clip:
     "gaussian" adds N(0, level^2); "speckle" adds images * N(0, level^2); "salt-pepper" sets a
     fraction `level` of the values to 0 or 1; "poisson" counts Poisson(images * level) photons
-    and divides by `level`; "none" adds nothing. The same generator state, the same draw."""
+    and divides by `level`; "none" adds nothing. The same generator state, the same draw. A
+    colour image whose channels are equal (a gray photo kept as RGB) gets gaussian or speckle
+    noise equal in each channel too: it was gray when it became noisy."""
     level, draw = noise.level, {"generator": generator, "device": images.device}
     if isinstance(level, (list, tuple)):  # one level per image: N x 1 x 1 x 1
         level = torch.rand(len(images), 1, 1, 1, **draw) * (level[1] - level[0]) + level[0]
@@ -75,7 +78,9 @@ def add_noise(images, noise, generator):
     if noise.kind == "poisson":
         noisy = torch.poisson(images * level, generator=generator) / level  # N x C x H x W
     else:  # gaussian, speckle: in place, one allocation per batch
-        noisy = torch.randn(images.shape, **draw).mul_(level)  # N x C x H x W
+        noisy = torch.randn(images.shape, **draw)  # N x C x H x W
+        gray = (images == images[:, :1]).flatten(1).all(1).view(-1, 1, 1, 1)  # N x 1 x 1 x 1
+        noisy = torch.where(gray, noisy[:, :1], noisy).mul_(level)  # equal channels, equal noise
         noisy = (noisy.mul_(images) if noise.kind == "speckle" else noisy).add_(images)
     return noisy.clamp_(0, 1) if noise.clip else noisy
 
@@ -208,12 +213,10 @@ def train_epoch(net, optimizer, images, order, generator, *, noise, batch_size, 
 
 
 def psnr_per_image(pred, target):
-    """torchmetrics' PSNR in dB (data range 1) of each image, N x C x H x W twice -> N, capped
-    at 100 dB (a perfect image would score infinity)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    return peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none",
-                                   dim=(1, 2, 3)).clamp_max(100)
+    """PSNR in dB (data range 1) of each image, N x C x H x W twice -> N: 10 log10(1 / MSE), as
+    scikit-image's peak_signal_noise_ratio, capped at 100 dB (a perfect image scores infinity)."""
+    mse = (pred.float() - target.float()).square().flatten(1).mean(1)  # N
+    return (-10 * torch.log10(mse)).clamp_max(100)
 
 
 def image_batches(images):
@@ -324,8 +327,8 @@ def restore(path, device, resume=False):
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != data.CHECKPOINT_FORMAT:
             raise ValueError("not written by this version of train.py: train the model again")
         config, history = checkpoint["config"], checkpoint["history"]
-        if {*RUN_DEFAULTS, "epochs", "steps_per_epoch"} - set(config) or not history or (
-                config["method"] not in METHODS or config["noise"] not in NOISES):
+        if {*RUN_DEFAULTS, "epochs", "steps_per_epoch"} - set(config) or not is_history(
+                history) or config["method"] not in METHODS or config["noise"] not in NOISES:
             raise ValueError("its config or history is incomplete, or not this project's")
         net = model.build_model(config).to(device, memory_format=torch.channels_last)
         net.load_state_dict(checkpoint["model"])
@@ -339,6 +342,15 @@ def restore(path, device, resume=False):
         why = ("damaged, or it would run code when loaded: refused" if isinstance(
             e, pickle.UnpicklingError) else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
         raise data.UserError(f"checkpoint {path} cannot be used ({why})") from e
+
+
+def is_history(history):
+    """Whether `history` is as train_epochs writes it: a non-empty list of records alike, each
+    of numbers only, with the epoch, the training loss, the seconds and a test score."""
+    return bool(isinstance(history, list) and history and all(
+        isinstance(r, dict) and r.keys() == history[0].keys() and all(
+            isinstance(v, (int, float)) for v in r.values()) for r in history) and (
+        {"epoch", "train_loss", "seconds"} <= history[0].keys() and SHOWN.keys() & history[0]))
 
 
 def join_processes(name):
@@ -541,8 +553,9 @@ def output_path(path, resume, overwrite):
     return path
 
 
-def number(kind, low, high=math.inf):
-    """An argparse type: the text as a `kind` from `low` to `high`."""
+def number(kind, low, high):
+    """An argparse type: the text as a `kind` from `low` to `high` (every flag is bounded: an
+    absurd value is one line here, not a traceback or an overflow later)."""
     def parse(text):
         try:
             value = kind(text)
@@ -557,7 +570,7 @@ def number(kind, low, high=math.inf):
 
 def noise_level(text):
     """argparse type for --noise-level: 'S' or 'LO:HI' (a range: one level per image)."""
-    levels = [number(float, 0)(part) for part in text.split(":", 1)]
+    levels = [number(float, 0, MAX_NOISE_LEVEL)(part) for part in text.split(":", 1)]
     if levels != sorted(levels):
         raise argparse.ArgumentTypeError(f"a range LO:HI needs LO <= HI, got {text}")
     return levels if len(levels) == 2 else levels[0]
@@ -578,20 +591,22 @@ def add_noise_flags(parser):
 def parse_args(argv=None):
     """Flags of train.py (the run-defining ones default to None: see RUN_DEFAULTS)."""
     p = argparse.ArgumentParser(description="Train a convolutional denoising autoencoder.")
-    p.add_argument("--epochs", type=number(int, 1), default=10,
+    p.add_argument("--epochs", type=number(int, 1, 10 ** 6), default=10,
                    help="passes over the training set; with --resume, the total (default: 10)")
-    p.add_argument("--batch-size", type=number(int, 2), help="images per step (default: 128)")
-    p.add_argument("--lr", type=number(float, 1e-12), help="Adam's learning rate (default: 1e-3)")
+    p.add_argument("--batch-size", type=number(int, 2, 10 ** 6),
+                   help="images per step (default: 128)")
+    p.add_argument("--lr", type=number(float, 1e-12, 10),
+                   help="Adam's learning rate (default: 1e-3)")
     p.add_argument("--lr-schedule", choices=("constant", "onecycle"), help="onecycle: torch's "
                    "OneCycleLR, up to --lr in 30%% of the steps, then down; try --lr 3e-3 "
                    "(dncnn on photos: 1e-3)")
     p.add_argument("--dataset", choices=data.DATASETS, help="mnist falls back to mnist-sample "
-                   "offline; photos: scikit-image's; folder: every PNG/JPEG/TIFF under "
+                   "offline; photos: scikit-image's; folder: every image file under "
                    "--data-dir (default: mnist)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="1 (gray) or 3 (colour) "
                    "(default: the data set's; colour for a folder)")
-    p.add_argument("--crop", type=number(int, 16), help="--dataset photos or folder: train on "
-                   f"random crops of this size (default: {data.DEFAULT_CROP})")
+    p.add_argument("--crop", type=number(int, 16, 10 ** 4), help="--dataset photos or folder: "
+                   f"train on random crops of this size (default: {data.DEFAULT_CROP})")
     p.add_argument("--method", choices=METHODS, help="supervised (default): clean images, noise "
                    "added per batch; the others learn from noisy images alone, drawn once")
     p.add_argument("--clip", choices=("on", "off"), help="clip noisy pixels to [0, 1] (default: "

@@ -273,8 +273,9 @@ def parse_args(argv=None):
                          "table and a PSNR-vs-level figure")
     command.add_argument("--curves", action="store_true", help="training loss and test PSNR "
                          "per epoch, from the checkpoint")
-    command.add_argument("--image", metavar="PATH", help="denoise this PNG, JPEG or TIFF file "
-                         "(any size, gray or colour, 8 or 16 bits), keeping its bit depth")
+    command.add_argument("--image", metavar="PATH", help="denoise this image file (PNG, JPEG, "
+                         "WebP, TIFF, ...; any size, gray or colour, 8 or 16 bits), keeping "
+                         "its bit depth")
     train.add_noise_flags(p)
     p.add_argument("--out", help="output file (default: denoising.png, sweep.png or curves.png; "
                    "--image NAME.EXT: NAME_denoised.png, or .tif for a TIFF)")
@@ -283,7 +284,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=train.number(int, 1, 64), default=8, help="test images shown")
     p.add_argument("--seed", type=train.number(int, 0, 2 ** 32 - 1), default=0,
                    help="picks the figure's test images")
-    p.add_argument("--levels", type=lambda t: [train.number(float, 0)(x) for x in t.split(",")],
+    p.add_argument("--levels", type=lambda t: [train.number(float, 0, train.MAX_NOISE_LEVEL)(x)
+                                         for x in t.split(",")],
                    help="--sweep: noise levels, comma-separated (default: 6-8 from mild to heavy)")
     p.add_argument("--with", dest="others", nargs="+", default=[], metavar="CHECKPOINT",
                    help="--sweep: more checkpoints of the same data set to score beside it")

@@ -116,11 +116,11 @@ def main(argv=None):
     """Print the pairs: tutorial vs project, fp32 vs bf16, and optionally 1 vs N processes."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="data", help="where MNIST is (default: data)")
-    p.add_argument("--steps", type=train.number(int, 1), default=150, help="steps per run")
-    p.add_argument("--pairs", type=train.number(int, 1), default=3, help="A, B pairs to run")
+    p.add_argument("--steps", type=train.number(int, 1, 10 ** 6), default=150, help="steps per run")
+    p.add_argument("--pairs", type=train.number(int, 1, 1000), default=3, help="A, B pairs to run")
     p.add_argument("--device", default="cpu", choices=["cpu"] + [
         d.type for d in [torch.accelerator.current_accelerator(check_available=True)] if d])
-    p.add_argument("--processes", type=train.number(int, 2), help="also time an epoch of "
+    p.add_argument("--processes", type=train.number(int, 2, 256), help="also time an epoch of "
                    "train.py as 1 process of N threads against N torchrun processes")
     args = p.parse_args(argv)
     ds = data.load_dataset("mnist", args.data_dir)
