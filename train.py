@@ -333,6 +333,8 @@ def restore(path, device, resume=False):
         net = model.build_model(config).to(device, memory_format=torch.channels_last)
         net.load_state_dict(checkpoint["model"])
         optimizer, scheduler = make_optimizer(net, config, config["steps_per_epoch"])
+        if resume and checkpoint.get("optimizer") is None:
+            raise ValueError("it holds weights only (a shipped model), not a run to resume")
         if resume:
             optimizer.load_state_dict(checkpoint["optimizer"])
             if scheduler is not None:
