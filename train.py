@@ -467,6 +467,8 @@ def train_epochs(run, config, score, path, history, procs):
             history.append(record)  # once saved: what the file holds, a stop reports
             print(f"epoch {epoch:3d}  train loss {loss:.5f}  {shown(scores)}  "
                   f"{record['seconds']:.1f} s  {len(images) / seconds:,.0f} img/s")
+    if processes > 1:  # the others wait for rank 0's last save: gloo aborts a process that leaves
+        torch.distributed.barrier()  # while a peer is still connected
 
 
 def shown(scores):
