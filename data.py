@@ -190,22 +190,23 @@ def write_image(path, pixels):
     if suffix not in WRITE_SUFFIXES or deep and suffix in (".jpg", ".jpeg"):
         raise UserError(f"{path}: name a .png or .tif file" + (" (JPEG holds 8 bits, these "
                         "pixels have 16)" if deep else ", or .jpg"))
-    array = pixels.permute(1, 2, 0).squeeze(2).numpy().copy()  # H x W (x 3), strides libpng takes
-    if suffix in TIFF_SUFFIXES:
-        import tifffile
-
-        blob = io.BytesIO()
-        tifffile.imwrite(blob, array, photometric="minisblack" if array.ndim == 2 else "rgb")
-        blob = blob.getvalue()
-    elif deep:  # TorchCodec's PNG encoder takes 8 bits only
-        import imagecodecs
-
-        blob = imagecodecs.png_encode(array)
-    else:
+    if suffix not in TIFF_SUFFIXES and not deep:  # TorchCodec's encoders take 8 bits only
         from torchcodec.encoders import JpegEncoder, PngEncoder
 
         blob = (PngEncoder(pixels).to_tensor() if suffix == ".png" else
                 JpegEncoder(pixels).to_tensor(quality=95)).numpy().tobytes()
+    else:
+        array = pixels.permute(1, 2, 0).squeeze(2).numpy().copy()  # H x W (x 3): plain strides
+        if suffix == ".png":
+            import imagecodecs
+
+            blob = imagecodecs.png_encode(array)
+        else:
+            import tifffile
+
+            blob = io.BytesIO()
+            tifffile.imwrite(blob, array, photometric="minisblack" if array.ndim == 2 else "rgb")
+            blob = blob.getvalue()
     atomic_write(path, lambda f: f.write(blob))
 
 

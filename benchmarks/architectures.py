@@ -69,16 +69,10 @@ def ffdnet(channels, depth=10, width=64):
     return HalfResolution(channels, width, nn.Sequential(*layers), 2)
 
 
-class Block(nn.Module):
-    """x + conv(ReLU(conv(x))): DRUNet's residual block."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.f = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-                               nn.Conv2d(width, width, 3, padding=1))
-
-    def forward(self, x):
-        return x + self.f(x)
+def block(width):
+    """x + conv(ReLU(conv(x))): DRUNet's residual block, as model.Residual."""
+    return model.Residual(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(width, width, 3, padding=1))
 
 
 class UBody(nn.Module):
@@ -87,9 +81,9 @@ class UBody(nn.Module):
 
     def __init__(self, widths, blocks):
         super().__init__()
-        self.enc = nn.ModuleList(nn.Sequential(*[Block(w) for _ in range(blocks)])
+        self.enc = nn.ModuleList(nn.Sequential(*[block(w) for _ in range(blocks)])
                                  for w in widths)
-        self.dec = nn.ModuleList(nn.Sequential(*[Block(w) for _ in range(blocks)])
+        self.dec = nn.ModuleList(nn.Sequential(*[block(w) for _ in range(blocks)])
                                  for w in widths[:-1])
         self.down = nn.ModuleList(nn.Conv2d(a, b, 2, stride=2) for a, b in zip(widths, widths[1:]))
         self.up = nn.ModuleList(nn.ConvTranspose2d(b, a, 2, stride=2)
